@@ -1,0 +1,513 @@
+package core
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Blocker is the one blocking command a Semaphore needs: BLPOP on its wake-up list. Every
+// go-redis client (single node, Sentinel, Cluster) implements it.
+type Blocker interface {
+	BLPop(ctx context.Context, timeout time.Duration, keys ...string) *redis.StringSliceCmd
+}
+
+// SemaphoreConfig describes a semaphore. All processes that share a semaphore should use the
+// same values.
+type SemaphoreConfig struct {
+	Name     string
+	Capacity int64         // holders allowed at once, from 1 to MaxCapacity
+	Expiry   time.Duration // lease length and idle lifetime of the keys, from MinExpiry to MaxDuration
+
+	// WakeClient, when set, serves the BLPOP on which waiters of this process learn that another
+	// process admitted them, so waiting never holds a connection of the command client's pool.
+	// It defaults to the command client.
+	WakeClient Blocker
+}
+
+const (
+	// MaxCapacity keeps counts exact in the float64 numbers of Redis's Lua.
+	MaxCapacity = 1 << 53
+	// MinExpiry leaves room for renewals, which run every Expiry/3.
+	MinExpiry = 10 * time.Millisecond
+	// MaxDuration bounds every duration (expiry, refill period, maximum wait), which keeps the
+	// schedules in µs exact in the float64 numbers of Redis's Lua.
+	MaxDuration = 100 * 365 * 24 * time.Hour
+
+	// wakeBlockTimeout bounds one BLPOP of the wake-up loop; the loop ends at the first timeout
+	// after the last waiter of this process left.
+	wakeBlockTimeout = time.Second
+	// cleanupTimeout bounds the background scripts that give back a slot or a place in the queue.
+	cleanupTimeout = 10 * time.Second
+	// retryDelay is the pause after a failed check-in or wake-up read before the next try.
+	retryDelay = 200 * time.Millisecond
+)
+
+// Semaphore allows at most Capacity holders at once among all processes that use the same name
+// on the same Redis, and admits waiters first come, first served.
+//
+// Slots are leases that expire after Expiry unless renewed. A Semaphore renews the leases of its
+// holders every Expiry/3 in one script call, however long they hold, so a holder that crashes
+// loses its slot about Expiry after its last renewal, while a live one keeps it. Waiters that wait
+// in Redis check in at the same period, and also when the earliest lease is due, so the slot of a
+// crashed holder is reclaimed even if nobody releases. Waiting costs no polling: a release admits
+// the next waiters and wakes them, through a wake-up list per process and semaphore.
+//
+// A Semaphore is safe for concurrent use. Each value is one participant with an owner id of its
+// own, so a process should keep one value per name and share it between callers.
+type Semaphore struct {
+	rdb     redis.Scripter
+	wake    Blocker
+	cfg     SemaphoreConfig
+	keys    []string // holders, waiters, ticket counter
+	owner   string
+	args    []any // ARGV[1..4] of every semaphore script
+	wakeKey string
+
+	mu          sync.Mutex
+	seq         uint64
+	waiters     map[string]*waiter
+	holders     map[string]*Lease
+	keeperOn    bool
+	wakerOn     bool
+	nextCheckIn time.Time
+	kick        chan struct{} // wakes the keeper when nextCheckIn moved earlier
+}
+
+type waiter struct {
+	lease    *Lease
+	admitted chan struct{} // closed when the token was given a slot; lease is set before
+	requeue  chan struct{} // the token was dropped from the queue and must enqueue again
+}
+
+// Lease is one held slot of a Semaphore.
+type Lease struct {
+	sem      *Semaphore
+	token    string
+	lost     atomic.Bool // set by a check-in that found the lease expired
+	released atomic.Bool
+}
+
+// NewSemaphore returns a semaphore on rdb, or an error wrapping ErrInvalidArgument when cfg
+// cannot work. It does not contact Redis.
+func NewSemaphore(rdb redis.Scripter, cfg SemaphoreConfig) (*Semaphore, error) {
+	switch {
+	case cfg.Capacity < 1 || cfg.Capacity > MaxCapacity:
+		return nil, invalidArgument("capacity must be from 1 to %d, got %d", int64(MaxCapacity), cfg.Capacity)
+	case cfg.Expiry < MinExpiry || cfg.Expiry > MaxDuration:
+		return nil, invalidArgument("expiry must be from %v to %v, got %v", MinExpiry, MaxDuration, cfg.Expiry)
+	}
+	wake := cfg.WakeClient
+	if wake == nil {
+		blocker, ok := rdb.(Blocker)
+		if !ok {
+			return nil, invalidArgument("the client cannot run BLPOP and no WakeClient was given")
+		}
+		wake = blocker
+	}
+
+	var id [8]byte
+	_, _ = rand.Read(id[:]) // crypto/rand.Read never returns an error since Go 1.24
+	owner := hex.EncodeToString(id[:])
+	base := keyBase("sem", cfg.Name)
+	return &Semaphore{
+		rdb:     rdb,
+		wake:    wake,
+		cfg:     cfg,
+		keys:    []string{base + "holders", base + "waiters", base + "tickets"},
+		owner:   owner,
+		args:    []any{base, cfg.Capacity, cfg.Expiry.Milliseconds(), owner},
+		wakeKey: base + "wake:" + owner,
+		waiters: make(map[string]*waiter),
+		holders: make(map[string]*Lease),
+		kick:    make(chan struct{}, 1),
+	}, nil
+}
+
+// Acquire waits for a slot and returns its lease. When maxWait > 0 and no slot was granted
+// within maxWait of the call, it returns an error wrapping ErrMaxSleepExceeded; the limit applies
+// to waiting in the queue only, so a free slot is granted even when maxWait is shorter than one
+// round trip. Acquire returns ctx.Err() when ctx ends first, and a *RedisError when Redis fails.
+// After any error the caller holds nothing: a slot granted at the last moment goes to the next
+// waiter. Acquire does not contact Redis when ctx is already done.
+func (s *Semaphore) Acquire(ctx context.Context, maxWait time.Duration) (*Lease, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var deadline <-chan time.Time
+	if maxWait > 0 {
+		timer := time.NewTimer(maxWait)
+		defer timer.Stop()
+		deadline = timer.C
+	}
+	token, w := s.addWaiter()
+
+	for {
+		granted, err := s.enqueue(ctx, token)
+		if err != nil {
+			s.abandon(token)
+			return nil, err
+		}
+		if granted {
+			return s.grant(token), nil
+		}
+
+		// A slot granted while ctx ended or the deadline passed is given back by abandon: the
+		// release script frees whichever of slot or queue place the token has.
+		select {
+		case <-w.admitted:
+			return w.lease, nil
+		case <-w.requeue:
+			continue
+		case <-deadline:
+			s.abandon(token)
+			return nil, fmt.Errorf("%w: no slot was granted within %v", ErrMaxSleepExceeded, maxWait)
+		case <-ctx.Done():
+			s.abandon(token)
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// addWaiter registers a new token before its acquire script runs, so that a wake-up arriving
+// before the script's reply finds it.
+func (s *Semaphore) addWaiter() (string, *waiter) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	s.seq++
+	token := s.owner + ":" + strconv.FormatUint(s.seq, 10)
+	w := &waiter{admitted: make(chan struct{}), requeue: make(chan struct{}, 1)}
+	s.waiters[token] = w
+	return token, w
+}
+
+// enqueue runs the acquire script for token and reports whether it holds a slot. When it waits,
+// enqueue makes sure that wake-ups are read and that the process checks in.
+func (s *Semaphore) enqueue(ctx context.Context, token string) (bool, error) {
+	const op = "semaphore acquire"
+	reply, err := runScript(ctx, s.rdb, op, semaphoreAcquireScript, s.keys, s.scriptArgs(token)...)
+	if err != nil {
+		return false, err
+	}
+	status, err := replyInt(op, reply, 0)
+	if err != nil {
+		return false, err
+	}
+	next, err := replyInt(op, reply, 1)
+	if err != nil {
+		return false, err
+	}
+	if err := s.wakeOwn(op, reply[2:]); err != nil {
+		return false, err
+	}
+
+	if status == 1 {
+		return true, nil
+	}
+	s.mu.Lock()
+	if !s.wakerOn {
+		s.wakerOn = true
+		go s.readWakeUps()
+	}
+	s.mu.Unlock()
+	s.scheduleCheckIn(next)
+	return false, nil
+}
+
+// grant turns the waiting token into a holder after its own acquire script admitted it.
+func (s *Semaphore) grant(token string) *Lease {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	lease := &Lease{sem: s, token: token}
+	delete(s.waiters, token)
+	s.holders[token] = lease
+	s.startKeeper()
+	return lease
+}
+
+// abandon forgets token, whether it waits or was just admitted, and gives back its place in the
+// queue or its slot in the background.
+func (s *Semaphore) abandon(token string) {
+	s.mu.Lock()
+	delete(s.waiters, token)
+	delete(s.holders, token)
+	s.mu.Unlock()
+
+	go s.releaseInBackground(token)
+}
+
+func (s *Semaphore) releaseInBackground(token string) {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	// A failure leaves the token to expiry: a queued token is skipped once this process stops
+	// checking in for it, and a slot expires after Expiry because nothing renews it.
+	_, _ = s.release(ctx, token)
+}
+
+// release runs the release script for token and reports whether it held a slot.
+func (s *Semaphore) release(ctx context.Context, token string) (bool, error) {
+	const op = "semaphore release"
+	reply, err := runScript(ctx, s.rdb, op, semaphoreReleaseScript, s.keys, s.scriptArgs(token)...)
+	if err != nil {
+		return false, err
+	}
+	released, err := replyInt(op, reply, 0)
+	if err != nil {
+		return false, err
+	}
+	if err := s.wakeOwn(op, reply[2:]); err != nil {
+		return false, err
+	}
+	return released == 1, nil
+}
+
+// scriptArgs returns the ARGV of a script that takes one token.
+func (s *Semaphore) scriptArgs(token string) []any {
+	args := make([]any, 0, len(s.args)+1)
+	return append(append(args, s.args...), token)
+}
+
+// wakeOwn wakes the tokens of this process that a script admitted.
+func (s *Semaphore) wakeOwn(op string, tokens []any) error {
+	for i := range tokens {
+		token, err := replyString(op, tokens, i)
+		if err != nil {
+			return err
+		}
+		s.wakeUp(token)
+	}
+	return nil
+}
+
+// wakeUp hands the slot that Redis granted to token to its waiter. A token that holds already
+// was woken twice (by a wake-up and a check-in) and is left alone. A token that nobody waits for
+// any more belongs to a waiter that gave up while it was admitted, so its slot is given back.
+func (s *Semaphore) wakeUp(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	if w, ok := s.waiters[token]; ok {
+		delete(s.waiters, token)
+		w.lease = &Lease{sem: s, token: token}
+		s.holders[token] = w.lease
+		s.startKeeper()
+		close(w.admitted)
+		return
+	}
+	if _, ok := s.holders[token]; ok {
+		return
+	}
+	go s.releaseInBackground(token)
+}
+
+// requeue asks the waiter of token to enqueue again.
+func (s *Semaphore) requeue(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	if w, ok := s.waiters[token]; ok {
+		select {
+		case w.requeue <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// readWakeUps pops the tokens that other processes admitted from this process's wake-up list,
+// until no waiter is left. The BLPOP is never cancelled while in flight: an interrupted BLPOP
+// whose reply was already sent would lose a token. Even then the waiter is not stuck, because
+// the next check-in finds it admitted.
+func (s *Semaphore) readWakeUps() {
+	for {
+		s.mu.Lock()
+		if len(s.waiters) == 0 {
+			s.wakerOn = false
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+
+		reply, err := s.wake.BLPop(context.Background(), wakeBlockTimeout, s.wakeKey).Result()
+		switch {
+		case err == redis.Nil:
+		case err != nil:
+			time.Sleep(retryDelay)
+		case len(reply) == 2:
+			s.wakeUp(reply[1])
+		}
+	}
+}
+
+// startKeeper starts the check-in loop unless it runs. The caller holds s.mu.
+func (s *Semaphore) startKeeper() {
+	if s.keeperOn {
+		return
+	}
+	s.keeperOn = true
+	s.nextCheckIn = time.Now().Add(s.cfg.Expiry / 3)
+	go s.keep()
+}
+
+// scheduleCheckIn moves the next check-in earlier to just after the earliest lease deadline,
+// given in ms from now (negative when nobody holds), and starts the check-in loop if needed.
+func (s *Semaphore) scheduleCheckIn(nextDeadlineMillis int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	s.startKeeper()
+	if nextDeadlineMillis < 0 {
+		return
+	}
+	at := time.Now().Add(time.Duration(nextDeadlineMillis+1) * time.Millisecond)
+	if at.Before(s.nextCheckIn) {
+		s.nextCheckIn = at
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// keep renews the leases of this process and checks its waiters in, every Expiry/3 and when the
+// earliest lease of any holder is due, until this process neither holds nor waits.
+func (s *Semaphore) keep() {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+
+	for {
+		s.mu.Lock()
+		delay := time.Until(s.nextCheckIn)
+		s.mu.Unlock()
+		timer.Reset(delay)
+		select {
+		case <-timer.C:
+		case <-s.kick:
+			continue
+		}
+
+		s.mu.Lock()
+		if len(s.holders) == 0 && len(s.waiters) == 0 {
+			s.keeperOn = false
+			s.mu.Unlock()
+			return
+		}
+		holders := make([]string, 0, len(s.holders))
+		for token := range s.holders {
+			holders = append(holders, token)
+		}
+		waiters := make([]string, 0, len(s.waiters))
+		for token := range s.waiters {
+			waiters = append(waiters, token)
+		}
+		s.nextCheckIn = time.Now().Add(s.cfg.Expiry / 3)
+		s.mu.Unlock()
+
+		next, err := s.checkIn(holders, waiters)
+		switch {
+		case err != nil:
+			s.scheduleRetry()
+		case len(waiters) > 0:
+			s.scheduleCheckIn(next)
+		}
+	}
+}
+
+func (s *Semaphore) scheduleRetry() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if at := time.Now().Add(retryDelay); at.Before(s.nextCheckIn) {
+		s.nextCheckIn = at
+	}
+}
+
+// checkIn runs the renew script and acts on its reply; it returns the ms until the earliest lease
+// deadline.
+func (s *Semaphore) checkIn(holders, waiters []string) (int64, error) {
+	const op = "semaphore renew"
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+
+	args := make([]any, 0, len(s.args)+1+len(holders)+len(waiters))
+	args = append(args, s.args...)
+	args = append(args, len(holders))
+	for _, token := range holders {
+		args = append(args, token)
+	}
+	for _, token := range waiters {
+		args = append(args, token)
+	}
+	reply, err := runScript(ctx, s.rdb, op, semaphoreRenewScript, s.keys, args...)
+	if err != nil {
+		return 0, err
+	}
+	next, err := replyInt(op, reply, 0)
+	if err != nil {
+		return 0, err
+	}
+
+	for i := 1; i+1 < len(reply); i += 2 {
+		token, err := replyString(op, reply, i)
+		if err != nil {
+			return 0, err
+		}
+		code, err := replyInt(op, reply, i+1)
+		if err != nil {
+			return 0, err
+		}
+		switch code {
+		case 0:
+			s.markLost(token)
+		case 1:
+			s.wakeUp(token)
+		case 2:
+			s.requeue(token)
+		}
+	}
+	return next, nil
+}
+
+// markLost stops renewing a lease that expired in Redis; its Release returns ErrLeaseLost.
+func (s *Semaphore) markLost(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	if lease, ok := s.holders[token]; ok {
+		lease.lost.Store(true)
+		delete(s.holders, token)
+	}
+}
+
+// Release gives the slot back and admits the next waiters. It returns ErrLeaseLost when the
+// lease had already expired, in which case the slot is left to whoever holds it now, and a
+// *RedisError when Redis fails, in which case the lease is no longer renewed and expires within
+// Expiry. Calls after the first return nil and do nothing.
+func (l *Lease) Release(ctx context.Context) error {
+	if l.released.Swap(true) {
+		return nil
+	}
+	s := l.sem
+	s.mu.Lock()
+	delete(s.holders, l.token)
+	s.mu.Unlock()
+
+	if l.lost.Load() {
+		return ErrLeaseLost
+	}
+	released, err := s.release(ctx, l.token)
+	if err != nil {
+		return err
+	}
+	if !released {
+		return ErrLeaseLost
+	}
+	return nil
+}

@@ -1,0 +1,203 @@
+package pybridge
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/self-limiters/self-limiters/core"
+)
+
+// Timeouts used unless the URL sets them with dial_timeout, read_timeout or write_timeout.
+const (
+	defaultDialTimeout  = 5 * time.Second
+	defaultReadTimeout  = 3 * time.Second
+	defaultWriteTimeout = 3 * time.Second
+
+	// wakePoolSize bounds the connections that wait for wake-ups: one per semaphore that has
+	// waiters in this process.
+	wakePoolSize = 1000
+)
+
+type clientKey struct {
+	url      string
+	poolSize int64
+}
+
+// clients are the two go-redis clients of one URL and pool size: cmd runs the scripts and wake
+// serves the blocking reads of wake-ups, so waiting never takes a connection from cmd's pool.
+type clients struct {
+	cmd  *redis.Client
+	wake *redis.Client
+}
+
+type semaphoreKey struct {
+	client   clientKey
+	name     string
+	capacity int64
+	expiry   time.Duration
+}
+
+type bucketKey struct {
+	client       clientKey
+	name         string
+	capacity     int64
+	refillPeriod time.Duration
+	refillAmount int64
+}
+
+var (
+	limitersMu       sync.Mutex
+	clientsByKey     = make(map[clientKey]*clients)
+	semaphoreHandles = make(map[semaphoreKey]int64)
+	bucketHandles    = make(map[bucketKey]int64)
+	semaphores       = make(map[int64]*core.Semaphore)
+	buckets          = make(map[int64]*core.TokenBucket)
+	nextHandle       int64
+)
+
+// OpenSemaphore returns the handle of the semaphore with these settings, creating it on first
+// use; later calls with the same settings share it, and its connections. It does not contact
+// Redis. On failure it returns the negated id of an error (see TakeError).
+func OpenSemaphore(redisURL, name string, capacity int64, expirySeconds float64, poolSize int64) int64 {
+	expiry, err := seconds("expiry", expirySeconds)
+	if err != nil {
+		return -storeError(err)
+	}
+	key := semaphoreKey{clientKey{redisURL, poolSize}, name, capacity, expiry}
+
+	limitersMu.Lock()
+	defer limitersMu.Unlock()
+	if handle, ok := semaphoreHandles[key]; ok {
+		return handle
+	}
+	c, err := clientsFor(key.client)
+	if err != nil {
+		return -storeError(err)
+	}
+	sem, err := core.NewSemaphore(c.cmd, core.SemaphoreConfig{
+		Name: name, Capacity: capacity, Expiry: expiry, WakeClient: c.wake,
+	})
+	if err != nil {
+		return -storeError(err)
+	}
+	nextHandle++
+	semaphoreHandles[key] = nextHandle
+	semaphores[nextHandle] = sem
+	return nextHandle
+}
+
+// OpenTokenBucket returns the handle of the token bucket with these settings, as OpenSemaphore
+// does for semaphores.
+func OpenTokenBucket(redisURL, name string, capacity int64, refillSeconds float64, refillAmount, poolSize int64) int64 {
+	period, err := seconds("refill_frequency", refillSeconds)
+	if err != nil {
+		return -storeError(err)
+	}
+	key := bucketKey{clientKey{redisURL, poolSize}, name, capacity, period, refillAmount}
+
+	limitersMu.Lock()
+	defer limitersMu.Unlock()
+	if handle, ok := bucketHandles[key]; ok {
+		return handle
+	}
+	c, err := clientsFor(key.client)
+	if err != nil {
+		return -storeError(err)
+	}
+	bucket, err := core.NewTokenBucket(c.cmd, core.TokenBucketConfig{
+		Name: name, Capacity: capacity, RefillPeriod: period, RefillAmount: refillAmount,
+	})
+	if err != nil {
+		return -storeError(err)
+	}
+	nextHandle++
+	bucketHandles[key] = nextHandle
+	buckets[nextHandle] = bucket
+	return nextHandle
+}
+
+// seconds converts a duration in seconds from Python, rejecting values that no time.Duration
+// can hold.
+func seconds(name string, value float64) (time.Duration, error) {
+	if math.IsNaN(value) || value < 0 || value > core.MaxDuration.Seconds() {
+		return 0, fmt.Errorf("%w: %s must be from 0 to %.0f seconds, got %v", core.ErrInvalidArgument, name, core.MaxDuration.Seconds(), value)
+	}
+	return time.Duration(value * float64(time.Second)), nil
+}
+
+// clientsFor returns the clients of key, creating them on first use. The caller holds limitersMu.
+func clientsFor(key clientKey) (*clients, error) {
+	if c, ok := clientsByKey[key]; ok {
+		return c, nil
+	}
+	if key.poolSize < 1 {
+		return nil, fmt.Errorf("%w: connection_pool_size must be at least 1, got %d", core.ErrInvalidArgument, key.poolSize)
+	}
+	opts, err := parseURL(key.url)
+	if err != nil {
+		return nil, err
+	}
+	opts.PoolSize = int(key.poolSize)
+
+	wakeOpts := *opts
+	wakeOpts.PoolSize = wakePoolSize
+	c := &clients{cmd: redis.NewClient(opts), wake: redis.NewClient(&wakeOpts)}
+	clientsByKey[key] = c
+	return c, nil
+}
+
+// parseURL turns a redis://, rediss:// or unix:// URL into client options. Its errors never
+// contain the URL's password.
+func parseURL(raw string) (*redis.Options, error) {
+	opts, err := redis.ParseURL(raw)
+	if err != nil {
+		var urlErr *url.Error
+		if errors.As(err, &urlErr) {
+			err = urlErr.Err // url.Error repeats the whole URL, password included
+		}
+		return nil, &core.RedisError{Op: "invalid redis_url " + redactURL(raw), Err: err}
+	}
+
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = defaultDialTimeout
+	}
+	if opts.ReadTimeout == 0 {
+		opts.ReadTimeout = defaultReadTimeout
+	}
+	if opts.WriteTimeout == 0 {
+		opts.WriteTimeout = defaultWriteTimeout
+	}
+	// CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS are not needed, and an ACL user restricted to
+	// the limiters' commands may not run them.
+	opts.DisableIdentity = true
+	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	return opts, nil
+}
+
+// redactURL returns raw with any password replaced by "xxxxx", also when raw does not parse.
+func redactURL(raw string) string {
+	if u, err := url.Parse(raw); err == nil {
+		return u.Redacted()
+	}
+	_, rest, found := strings.Cut(raw, "://")
+	if !found {
+		return "(unparsable URL)"
+	}
+	authority, _, _ := strings.Cut(rest, "/")
+	at := strings.LastIndexByte(authority, '@')
+	colon := strings.IndexByte(authority, ':')
+	if at < 0 || colon < 0 || colon > at {
+		return raw
+	}
+	passwordStart := len(raw) - len(rest) + colon + 1
+	passwordEnd := len(raw) - len(rest) + at
+	return raw[:passwordStart] + "xxxxx" + raw[passwordEnd:]
+}

@@ -1,0 +1,139 @@
+"""The distributed semaphore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+from . import _bridge, _validate
+
+logger = logging.getLogger("self_limiters")
+
+_KEY_PREFIX = "__self-limiters:"
+
+# Values of the outcome of a release, as the Go bridge reports them.
+_RELEASED = 0
+_LEASE_LOST = 1
+
+
+class Semaphore:
+    """An async context manager that lets at most ``capacity`` holders run at once, across every
+    process and host that uses the same ``name`` on the same Redis.
+
+    Waiters are admitted first come, first served. A slot is a lease that the process renews in
+    the background while the block runs, however long that is; if the process dies, its slot
+    returns to the others about ``expiry`` seconds after its last renewal.
+
+    Args:
+        name: the semaphore's name; keys in Redis start with ``__self-limiters:``.
+        capacity: holders allowed at once, at least 1.
+        max_sleep: seconds to wait for a slot before MaxSleepExceededError; None or 0 waits
+            without limit.
+        expiry: lease length in seconds (default 30, at least 0.01). Leases are renewed every
+            ``expiry / 3`` seconds, and keys of an idle semaphore vanish after ``expiry``.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL (default
+            ``redis://127.0.0.1:6379``).
+        connection_pool_size: connections to Redis for commands (default 15), shared by all
+            limiters of the process with the same URL and pool size.
+
+    Raises:
+        TypeError: an argument has the wrong type (bool is not an int here).
+        ValueError: an argument has an impossible value.
+        RedisError: ``redis_url`` is malformed. Connection failures are raised on entry.
+    """
+
+    __slots__ = ("_name", "_capacity", "_max_sleep", "_expiry", "_redis_url", "_pool_size", "_handle", "_held")
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        max_sleep: float | None = None,
+        expiry: float | None = None,
+        redis_url: str | None = None,
+        connection_pool_size: int | None = None,
+    ) -> None:
+        self._name = _validate.check_name(name)
+        self._capacity = _validate.check_count("capacity", capacity)
+        self._max_sleep = _validate.check_max_sleep(max_sleep)
+        self._expiry = 30.0 if expiry is None else _validate.check_duration("expiry", expiry, _validate.MIN_EXPIRY)
+        self._redis_url = _validate.check_redis_url(redis_url)
+        self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=15)
+        self._handle = 0
+        # Slots held, per task that entered: each exit releases the slot of its own task's
+        # innermost entry, however many tasks share this object.
+        self._held: dict[asyncio.Task[object], list[int]] = {}
+
+    @property
+    def name(self) -> str:
+        """The name with the ``__self-limiters:`` prefix."""
+        return _KEY_PREFIX + self._name
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_sleep(self) -> float:
+        """Seconds to wait for a slot; 0.0 means no limit."""
+        return self._max_sleep
+
+    @property
+    def expiry(self) -> float:
+        """Lease length in seconds."""
+        return self._expiry
+
+    def __repr__(self) -> str:
+        return f"Semaphore instance for queue {self.name}"
+
+    def _open(self) -> int:
+        if not self._handle:
+            self._handle = _bridge.check(
+                _bridge.library().pybridge_OpenSemaphore(
+                    self._redis_url, self._name, self._capacity, self._expiry, self._pool_size
+                )
+            )
+        return self._handle
+
+    async def __aenter__(self) -> None:
+        port = _bridge.port()
+        request_id = _bridge.check(
+            _bridge.library().pybridge_SemaphoreAcquire(self._open(), port.queue, self._max_sleep)
+        )
+        await _bridge.wait_for_outcome(port, request_id)
+
+        task = asyncio.current_task()
+        assert task is not None  # an async with block always runs in a task
+        self._held.setdefault(task, []).append(request_id)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("acquired a slot of %s", self.name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        task = asyncio.current_task()
+        held = self._held.get(task) if task is not None else None
+        if not held:
+            raise RuntimeError(f"{self!r} was exited in a task that does not hold it")
+        request_id = held.pop()
+        if not held:
+            del self._held[task]  # type: ignore[arg-type]  # held is only found for a task
+
+        # The release goes on in Go when this task is cancelled meanwhile.
+        port = _bridge.port()
+        release_id = _bridge.check(_bridge.library().pybridge_SemaphoreRelease(request_id, port.queue))
+        outcome = await _bridge.wait_for_outcome(port, release_id, cancel_on_exit=False)
+        if outcome == _LEASE_LOST:
+            logger.warning(
+                "the lease on a slot of %s had expired before its release, so another holder may "
+                "have run at the same time: renewals did not reach Redis within expiry=%gs "
+                "(process stopped, event loop or Redis unreachable)",
+                self.name,
+                self._expiry,
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("released a slot of %s", self.name)

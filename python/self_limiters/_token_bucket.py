@@ -1,0 +1,122 @@
+"""The distributed token bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+from . import _bridge, _validate
+from ._semaphore import _KEY_PREFIX, logger
+
+
+class TokenBucket:
+    """An async context manager that lets at most ``capacity`` entries through at once and then
+    ``refill_amount`` more every ``refill_frequency`` seconds, across every process and host that
+    uses the same ``name`` on the same Redis.
+
+    The bucket starts full. Each entry takes one token; when none is left, the entry is given the
+    time at which its token will exist, in first-come first-served order, and sleeps until then
+    with ``asyncio.sleep``. The schedule is computed on the Redis server's clock. Leaving the block
+    does nothing.
+
+    Args:
+        name: the bucket's name; its key in Redis starts with ``__self-limiters:``.
+        capacity: tokens in a full bucket, at least 1.
+        refill_frequency: seconds between two refills, at least 1e-6.
+        refill_amount: tokens added per refill, at least 1; the bucket never exceeds capacity.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL (default
+            ``redis://127.0.0.1:6379``).
+        max_sleep: when the wait for a token would exceed this many seconds, raise
+            MaxSleepExceededError at once and take no token; None or 0 waits without limit.
+        connection_pool_size: connections to Redis (default 30), shared by all limiters of the
+            process with the same URL and pool size.
+
+    Raises:
+        TypeError: an argument has the wrong type (bool is not an int here).
+        ValueError: an argument has an impossible value.
+        RedisError: ``redis_url`` is malformed. Connection failures are raised on entry.
+    """
+
+    __slots__ = ("_name", "_capacity", "_refill_frequency", "_refill_amount", "_redis_url", "_max_sleep", "_pool_size", "_handle")
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        refill_frequency: float,
+        refill_amount: int,
+        redis_url: str | None = None,
+        max_sleep: float | None = None,
+        connection_pool_size: int | None = None,
+    ) -> None:
+        self._name = _validate.check_name(name)
+        self._capacity = _validate.check_count("capacity", capacity)
+        self._refill_frequency = _validate.check_duration(
+            "refill_frequency", refill_frequency, _validate.MIN_REFILL_FREQUENCY
+        )
+        self._refill_amount = _validate.check_count("refill_amount", refill_amount)
+        self._redis_url = _validate.check_redis_url(redis_url)
+        self._max_sleep = _validate.check_max_sleep(max_sleep)
+        self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=30)
+        self._handle = 0
+
+    @property
+    def name(self) -> str:
+        """The name with the ``__self-limiters:`` prefix."""
+        return _KEY_PREFIX + self._name
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def refill_frequency(self) -> float:
+        """Seconds between two refills."""
+        return self._refill_frequency
+
+    @property
+    def refill_amount(self) -> int:
+        return self._refill_amount
+
+    @property
+    def max_sleep(self) -> float:
+        """Longest wait in seconds for a token; 0.0 means no limit."""
+        return self._max_sleep
+
+    def __repr__(self) -> str:
+        return f"Token bucket instance for queue {self.name}"
+
+    def _open(self) -> int:
+        if not self._handle:
+            self._handle = _bridge.check(
+                _bridge.library().pybridge_OpenTokenBucket(
+                    self._redis_url,
+                    self._name,
+                    self._capacity,
+                    self._refill_frequency,
+                    self._refill_amount,
+                    self._pool_size,
+                )
+            )
+        return self._handle
+
+    async def __aenter__(self) -> None:
+        port = _bridge.port()
+        request_id = _bridge.check(
+            _bridge.library().pybridge_TokenBucketAcquire(self._open(), port.queue, self._max_sleep)
+        )
+        wait_micros = await _bridge.wait_for_outcome(port, request_id)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("took a token of %s, usable in %.6fs", self.name, wait_micros / 1e6)
+        if wait_micros > 0:
+            # The token stays taken if this sleep is cancelled: it cannot be handed back.
+            await asyncio.sleep(wait_micros / 1e6)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
