@@ -1,7 +1,7 @@
 """Builds the Go extension of self_limiters with gopy during ``pip install .``.
 
 gopy and goimports come from the versions pinned by the tool directives of go.mod and are built
-into build/gotools. gopy runs goimports by name, so that folder goes first on PATH, and it runs
+into _build/gotools. gopy runs goimports by name, so that folder goes first on PATH, and it runs
 the generated build script with the interpreter of this build, which has pybindgen from
 pyproject.toml's build requirements.
 """
@@ -22,8 +22,10 @@ class BuildGoExtension(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if shutil.which("go") is None:
             raise RuntimeError("building self_limiters needs the Go toolchain (go 1.26 or newer) on PATH")
-        tools = ROOT / "build" / "gotools"
-        output = ROOT / "build" / "gopy"  # inside the Go module, which gopy's go build needs
+        tools = ROOT / "_build" / "gotools"
+        # Inside the Go module, which gopy's go build needs; Go patterns such as ./... skip folders whose
+        # name starts with "_", so the generated package stays out of go vet and go test.
+        output = ROOT / "_build" / "gopy"
         shutil.rmtree(output, ignore_errors=True)
         env = dict(os.environ, PATH=f"{tools}{os.pathsep}{os.environ.get('PATH', '')}")
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"sync"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/self-limiters/self-limiters/core"
 )
 
@@ -58,4 +60,14 @@ func TakeError(id int64) string {
 	}
 	delete(errorsByID, id)
 	return text
+}
+
+// silentLogger drops go-redis's log lines. Every failure they describe reaches Python as an
+// exception, and a library must not write to the host process's stderr.
+type silentLogger struct{}
+
+func (silentLogger) Printf(context.Context, string, ...any) {}
+
+func init() {
+	redis.SetLogger(silentLogger{})
 }
