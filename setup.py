@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -24,9 +25,16 @@ class BuildGoExtension(build_ext):
             raise RuntimeError("building self_limiters needs the Go toolchain (go 1.26 or newer) on PATH")
         tools = ROOT / "_build" / "gotools"
         # Inside the Go module, which gopy's go build needs; Go patterns such as ./... skip folders whose
-        # name starts with "_", so the generated package stays out of go vet and go test.
-        output = ROOT / "_build" / "gopy"
-        shutil.rmtree(output, ignore_errors=True)
+        # name starts with "_", so the generated package stays out of go vet and go test. A folder
+        # per build keeps builds that run at the same time apart.
+        (ROOT / "_build").mkdir(exist_ok=True)
+        output = Path(tempfile.mkdtemp(prefix="gopy-", dir=ROOT / "_build"))
+        try:
+            self._build_into(ext, tools, output)
+        finally:
+            shutil.rmtree(output, ignore_errors=True)
+
+    def _build_into(self, ext: Extension, tools: Path, output: Path) -> None:
         env = dict(os.environ, PATH=f"{tools}{os.pathsep}{os.environ.get('PATH', '')}")
 
         self._run(["go", "build", "-o", f"{tools}{os.sep}", "github.com/go-python/gopy", "golang.org/x/tools/cmd/goimports"], env)

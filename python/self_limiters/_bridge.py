@@ -118,7 +118,7 @@ class LoopPort:
 
     def close(self) -> None:
         """Release the pipe of a loop that was closed."""
-        library().pybridge_CloseQueue(self.queue)
+        library().pybridge_CloseQueue(self.queue, False)
         os.close(self._read_fd)
         self._futures.clear()
 
@@ -156,6 +156,6 @@ async def wait_for_outcome(port_: LoopPort, request_id: int, cancel_on_exit: boo
     except BaseException:
         port_.forget(request_id)
         if cancel_on_exit:
-            library().pybridge_Cancel(request_id)
+            library().pybridge_Cancel(request_id, False)
         raise
     return check(value)

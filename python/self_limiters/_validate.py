@@ -98,6 +98,8 @@ def check_redis_url(value: object) -> str:
         raise RedisError(
             f"invalid redis_url {redact_url(value)}: the scheme must be redis://, rediss:// or unix://, got {shown}"
         )
+    if parts.scheme != "unix" and parts.netloc.endswith(":"):
+        raise RedisError(f"invalid redis_url {redact_url(value)}: the port after ':' is empty")
     if parts.scheme == "unix" and not parts.path:
         raise RedisError(f"invalid redis_url {redact_url(value)}: a unix:// URL needs the socket path")
     return value
