@@ -3,6 +3,7 @@ package core
 import (
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
 
 	"github.com/redis/go-redis/v9"
@@ -33,6 +34,9 @@ var (
 func runScript(ctx context.Context, rdb redis.Scripter, op string, script *redis.Script, keys []string, args ...any) ([]any, error) {
 	reply, err := script.Run(ctx, rdb, keys, args...).Slice()
 	if err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
+			return nil, ctxErr // the caller gave up; Redis did not fail
+		}
 		return nil, redisError(op, err)
 	}
 	return reply, nil

@@ -14,7 +14,7 @@ import (
 type TokenBucketConfig struct {
 	Name         string
 	Capacity     int64         // tokens the bucket holds when full; it starts full
-	RefillPeriod time.Duration // time between two refills, from 1µs to MaxDuration
+	RefillPeriod time.Duration // time between two refills, from 1µs to MaxDuration, rounded up to whole µs
 	RefillAmount int64         // tokens added per refill, never above Capacity
 }
 
@@ -45,7 +45,7 @@ func NewTokenBucket(rdb redis.Scripter, cfg TokenBucketConfig) (*TokenBucket, er
 		rdb:    rdb,
 		cfg:    cfg,
 		keys:   []string{keyBase("tb", cfg.Name) + "state"},
-		period: strconv.FormatInt(cfg.RefillPeriod.Microseconds(), 10),
+		period: strconv.FormatInt(ceilMicroseconds(cfg.RefillPeriod), 10),
 	}, nil
 }
 
@@ -58,7 +58,7 @@ func (b *TokenBucket) Reserve(ctx context.Context, maxWait time.Duration) (time.
 	maxWait = min(max(maxWait, 0), MaxDuration)
 
 	reply, err := runScript(ctx, b.rdb, op, tokenBucketScript, b.keys,
-		b.cfg.Capacity, b.period, b.cfg.RefillAmount, maxWait.Microseconds())
+		b.cfg.Capacity, b.period, b.cfg.RefillAmount, ceilMicroseconds(maxWait))
 	if err != nil {
 		return 0, err
 	}
@@ -94,4 +94,10 @@ func (b *TokenBucket) Wait(ctx context.Context, maxWait time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// ceilMicroseconds rounds d up to whole µs, the unit of the script: rounding down would turn a
+// short maximum wait into 0 (no limit) and a refill period into a faster rate.
+func ceilMicroseconds(d time.Duration) int64 {
+	return int64((d + time.Microsecond - 1) / time.Microsecond)
 }

@@ -73,9 +73,17 @@ local function next_deadline()
   return tonumber(first[2]) - now
 end
 
--- Renews the idle lifetime of the shared keys; PEXPIRE ignores keys that do not exist.
+-- Renews the idle lifetime of the shared keys: the caller's expiry, or longer while a lease of
+-- a participant with a longer expiry lasts, so that a caller with a short expiry never deletes
+-- the leases of others. PEXPIRE ignores keys that do not exist.
 local function touch()
-  redis.call('PEXPIRE', holders, ARGV[3])
-  redis.call('PEXPIRE', waiters, ARGV[3])
-  redis.call('PEXPIRE', tickets, ARGV[3])
+  local ttl = expiry
+  local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
+  if #last == 2 then
+    ttl = math.max(ttl, tonumber(last[2]) - now)
+  end
+  ttl = string.format('%d', ttl)
+  redis.call('PEXPIRE', holders, ttl)
+  redis.call('PEXPIRE', waiters, ttl)
+  redis.call('PEXPIRE', tickets, ttl)
 end
