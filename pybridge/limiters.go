@@ -157,7 +157,11 @@ func clientsFor(key clientKey) (*clients, error) {
 // parseURL turns a redis://, rediss:// or unix:// URL into client options. Its errors never
 // contain the URL's password.
 func parseURL(raw string) (*redis.Options, error) {
-	opts, err := redis.ParseURL(raw)
+	err := checkUserInfo(raw)
+	var opts *redis.Options
+	if err == nil {
+		opts, err = redis.ParseURL(raw)
+	}
 	if err != nil {
 		var urlErr *url.Error
 		if errors.As(err, &urlErr) {
@@ -182,22 +186,32 @@ func parseURL(raw string) (*redis.Options, error) {
 	return opts, nil
 }
 
-// redactURL returns raw with any password replaced by "xxxxx", also when raw does not parse.
+// redactURL returns raw with the password, if any, replaced by "xxxxx". The password is taken
+// to run from the first ':' after the scheme to the last '@', which also hides a password with an
+// unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere.
 func redactURL(raw string) string {
-	if u, err := url.Parse(raw); err == nil {
-		return u.Redacted()
-	}
-	_, rest, found := strings.Cut(raw, "://")
+	scheme, rest, found := strings.Cut(raw, "://")
 	if !found {
-		return "(unparsable URL)"
+		return "(not a URL)"
 	}
-	authority, _, _ := strings.Cut(rest, "/")
-	at := strings.LastIndexByte(authority, '@')
-	colon := strings.IndexByte(authority, ':')
-	if at < 0 || colon < 0 || colon > at {
+	at := strings.LastIndexByte(rest, '@')
+	if at < 0 {
 		return raw
 	}
-	passwordStart := len(raw) - len(rest) + colon + 1
-	passwordEnd := len(raw) - len(rest) + at
-	return raw[:passwordStart] + "xxxxx" + raw[passwordEnd:]
+	user, _, hasPassword := strings.Cut(rest[:at], ":")
+	if !hasPassword {
+		return raw
+	}
+	return scheme + "://" + user + ":xxxxx" + rest[at:]
+}
+
+// checkUserInfo rejects a URL whose user name or password contains an unescaped '/', '?' or '#':
+// these end the host part early, so part of the password would be read as the port or path.
+func checkUserInfo(raw string) error {
+	_, rest, _ := strings.Cut(raw, "://")
+	authorityEnd := strings.IndexAny(rest, "/?#")
+	if authorityEnd >= 0 && strings.LastIndexByte(rest, '@') > authorityEnd {
+		return errors.New("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
+	}
+	return nil
 }

@@ -131,7 +131,7 @@ class Semaphore:
             logger.warning(
                 "the lease on a slot of %s had expired before its release, so another holder may "
                 "have run at the same time: renewals did not reach Redis within expiry=%gs "
-                "(process stopped, event loop or Redis unreachable)",
+                "(the process was stopped, or Redis was unreachable)",
                 self.name,
                 self._expiry,
             )

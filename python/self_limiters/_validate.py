@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from urllib.parse import urlsplit
 
 from ._errors import RedisError
@@ -88,31 +89,43 @@ def check_redis_url(value: object) -> str:
         raise TypeError(f"redis_url must be a str, got {type(value).__name__}")
     if "\0" in value:
         raise RedisError("invalid redis_url: it contains a NUL character")
+    shown = redact_url(value)
+
+    _, _, rest = value.partition("://")
+    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        # An unescaped '/', '?' or '#' in the user name or password ends the host part early, so
+        # a parser would read part of the password as the port or the path.
+        raise RedisError(
+            f"invalid redis_url {shown}: the user name or password contains '/', '?' or '#'; "
+            "percent-encode them (%2F, %3F, %23)"
+        )
     try:
         parts = urlsplit(value)
         parts.port  # raises ValueError for a port that is not a number from 0 to 65535
-    except ValueError as exc:
-        raise RedisError(f"invalid redis_url {redact_url(value)}: {exc}") from None
+    except ValueError:
+        # ValueError's text may repeat parts of the URL, so it is not shown.
+        raise RedisError(f"invalid redis_url {shown}: the port must be a number from 0 to 65535") from None
     if parts.scheme not in _URL_SCHEMES:
-        shown = f"{parts.scheme!r}" if parts.scheme else "no scheme"
-        raise RedisError(
-            f"invalid redis_url {redact_url(value)}: the scheme must be redis://, rediss:// or unix://, got {shown}"
-        )
+        scheme = f"{parts.scheme!r}" if parts.scheme else "no scheme"
+        raise RedisError(f"invalid redis_url {shown}: the scheme must be redis://, rediss:// or unix://, got {scheme}")
     if parts.scheme != "unix" and parts.netloc.endswith(":"):
-        raise RedisError(f"invalid redis_url {redact_url(value)}: the port after ':' is empty")
+        raise RedisError(f"invalid redis_url {shown}: the port after ':' is empty")
     if parts.scheme == "unix" and not parts.path:
-        raise RedisError(f"invalid redis_url {redact_url(value)}: a unix:// URL needs the socket path")
+        raise RedisError(f"invalid redis_url {shown}: a unix:// URL needs the socket path")
     return value
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with the password, if any, replaced by ``xxxxx``."""
+    """Return ``url`` with the password, if any, replaced by ``xxxxx``.
+
+    The password is taken to run from the first ':' after the scheme to the last '@', which also
+    hides a password with an unescaped '/', '?', '#' or '@' that URL parsers would split elsewhere.
+    """
     scheme, separator, rest = url.partition("://")
     if not separator:
         return "(not a URL)"
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not at or ":" not in userinfo:
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
         return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:xxxxx@{host}{slash}{tail}"
+    return f"{scheme}://{user}:xxxxx@{after}"

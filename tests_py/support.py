@@ -1,0 +1,104 @@
+"""Helpers shared by the tests: Redis key names, polling, and child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+T = TypeVar("T")
+
+KEY_PREFIX = "__self-limiters:"
+CHILD_SCRIPT = Path(__file__).with_name("child.py")
+
+
+def semaphore_key(name: str, suffix: str) -> str:
+    """Return the Redis key of a semaphore: suffix is holders, waiters or tickets."""
+    return f"{KEY_PREFIX}{{sem:{name}}}:{suffix}"
+
+
+def bucket_key(name: str) -> str:
+    return f"{KEY_PREFIX}{{tb:{name}}}:state"
+
+
+def closed_port() -> int:
+    """Return a loopback TCP port on which nothing listens (it was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    """Run ``coroutine`` in a new event loop, failing with TimeoutError after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed, and return whether it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.005
+) -> bool:
+    """Poll the coroutine function ``predicate`` as wait_until polls a plain function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+async def wait_for_event(event: asyncio.Event, task: asyncio.Task[Any], timeout: float = 10) -> None:
+    """Wait until ``event`` is set, raising at once the exception of ``task`` if it ends first."""
+    waiter = asyncio.ensure_future(event.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if waiter in done:
+        return
+    waiter.cancel()
+    if task in done:
+        task.result()  # raises the task's exception, if any
+        raise AssertionError("the task ended without setting the event")
+    raise TimeoutError(f"the event was not set within {timeout} s")
+
+
+def start_child(*args: object, cwd: Path) -> subprocess.Popen[str]:
+    """Start child.py with this interpreter in ``cwd``, with its stdout as a text pipe."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the child must import the installed package
+    return subprocess.Popen(
+        [sys.executable, str(CHILD_SCRIPT), *(str(arg) for arg in args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_first_line(child: subprocess.Popen[str], timeout: float) -> str:
+    """Return the first line that ``child`` prints, or "" when none comes within ``timeout`` seconds."""
+    assert child.stdout is not None
+    ready, _, _ = select.select([child.stdout], [], [], timeout)
+    return child.stdout.readline() if ready else ""
+
+
+def stop_child(child: subprocess.Popen[str]) -> None:
+    """Kill ``child`` if it still runs, and reap it."""
+    if child.poll() is None:
+        child.kill()
+    child.communicate(timeout=10)
