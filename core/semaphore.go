@@ -85,6 +85,7 @@ type waiter struct {
 	lease    *Lease
 	admitted chan struct{} // closed when the token was given a slot; lease is set before
 	requeue  chan struct{} // the token was dropped from the queue and must enqueue again
+	failed   chan error    // a check-in failed, so the state of the token in Redis is unknown
 }
 
 // Lease is one held slot of a Semaphore.
@@ -166,6 +167,9 @@ func (s *Semaphore) Acquire(ctx context.Context, maxWait time.Duration) (*Lease,
 			return w.lease, nil
 		case <-w.requeue:
 			continue
+		case err := <-w.failed:
+			s.abandon(token)
+			return nil, err
 		case <-deadline:
 			s.abandon(token)
 			return nil, fmt.Errorf("%w: no slot was granted within %v", ErrMaxSleepExceeded, maxWait)
@@ -184,7 +188,7 @@ func (s *Semaphore) addWaiter() (string, *waiter) {
 
 	s.seq++
 	token := s.owner + ":" + strconv.FormatUint(s.seq, 10)
-	w := &waiter{admitted: make(chan struct{}), requeue: make(chan struct{}, 1)}
+	w := &waiter{admitted: make(chan struct{}), requeue: make(chan struct{}, 1), failed: make(chan error, 1)}
 	s.waiters[token] = w
 	return token, w
 }
@@ -340,6 +344,9 @@ func (s *Semaphore) readWakeUps() {
 		switch {
 		case err == redis.Nil:
 		case err != nil:
+			// The connection may have been dropped, or Redis may be gone. A check-in tells
+			// which: waiters go on if it succeeds and fail with its error otherwise.
+			s.scheduleCheckIn(0)
 			time.Sleep(retryDelay)
 		case len(reply) == 2:
 			s.wakeUp(reply[1])
@@ -414,6 +421,8 @@ func (s *Semaphore) keep() {
 		next, err := s.checkIn(holders, waiters)
 		switch {
 		case err != nil:
+			// Holders keep running; their Release reports whether the lease survived.
+			s.failWaiters(waiters, err)
 			s.scheduleRetry()
 		case len(waiters) > 0:
 			s.scheduleCheckIn(next)
@@ -473,6 +482,22 @@ func (s *Semaphore) checkIn(holders, waiters []string) (int64, error) {
 		}
 	}
 	return next, nil
+}
+
+// failWaiters ends the given waiters with err, because their state in Redis cannot be checked:
+// every Redis failure reaches the caller instead of a wait of unknown length.
+func (s *Semaphore) failWaiters(tokens []string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	for _, token := range tokens {
+		if w, ok := s.waiters[token]; ok {
+			select {
+			case w.failed <- err:
+			default:
+			}
+		}
+	}
 }
 
 // markLost stops renewing a lease that expired in Redis; its Release returns ErrLeaseLost.

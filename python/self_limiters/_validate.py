@@ -108,6 +108,8 @@ def check_redis_url(value: object) -> str:
     if parts.scheme not in _URL_SCHEMES:
         scheme = f"{parts.scheme!r}" if parts.scheme else "no scheme"
         raise RedisError(f"invalid redis_url {shown}: the scheme must be redis://, rediss:// or unix://, got {scheme}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise RedisError(f"invalid redis_url {shown}: the host is missing, as in redis://127.0.0.1:6379")
     if parts.scheme != "unix" and parts.netloc.endswith(":"):
         raise RedisError(f"invalid redis_url {shown}: the port after ':' is empty")
     if parts.scheme == "unix" and not parts.path:
