@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -186,23 +187,24 @@ func parseURL(raw string) (*redis.Options, error) {
 	return opts, nil
 }
 
-// redactURL returns raw with the password, if any, replaced by "xxxxx". The password is taken
-// to run from the first ':' after the scheme to the last '@', which also hides a password with an
-// unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere.
+// queryPassword matches a password given as a query option.
+var queryPassword = regexp.MustCompile(`(?i)([?&](?:password|pass|pwd)=)[^&#]*`)
+
+// redactURL returns raw with its password, if any, replaced by "xxxxx". The password in the user
+// info is taken to run from the first ':' after the scheme to the last '@', which also hides a
+// password with an unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere. A password
+// given as a query option is hidden too.
 func redactURL(raw string) string {
 	scheme, rest, found := strings.Cut(raw, "://")
 	if !found {
 		return "(not a URL)"
 	}
-	at := strings.LastIndexByte(rest, '@')
-	if at < 0 {
-		return raw
+	if at := strings.LastIndexByte(rest, '@'); at >= 0 {
+		if user, _, hasPassword := strings.Cut(rest[:at], ":"); hasPassword {
+			raw = scheme + "://" + user + ":xxxxx" + rest[at:]
+		}
 	}
-	user, _, hasPassword := strings.Cut(rest[:at], ":")
-	if !hasPassword {
-		return raw
-	}
-	return scheme + "://" + user + ":xxxxx" + rest[at:]
+	return queryPassword.ReplaceAllString(raw, "${1}xxxxx")
 }
 
 // checkUserInfo rejects a URL whose user name or password contains an unescaped '/', '?' or '#':

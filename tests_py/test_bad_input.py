@@ -174,6 +174,13 @@ def test_tiny_max_sleep_token_bucket(name: str, redis_url: str) -> None:
         ("redis://user:hunter2secret@127.0.0.1:http", "port"),
         ("redis://user:hunter2secret@:6379/0", "host"),
         ("rediss://user:hunter2secret@/0", "host"),
+        ("redis://127.0.0.1:6379/0?password=hunter2secret", "password"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/x", "database"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/0/1", "path"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/0?bogus=1", "bogus"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/0?dial_timeout=abc", "dial_timeout"),
+        ("redis://user:hunter2secret%zz@127.0.0.1:6379/0", "'%'"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/0?pool_size=3", "connection_pool_size"),
     ],
 )
 def test_bad_url_names_part(url: str, part: str) -> None:
@@ -182,6 +189,17 @@ def test_bad_url_names_part(url: str, part: str) -> None:
     message = str(caught.value)
     assert part in message, f"expected the message to name the {part}, got {message!r}"
     assert "hunter2secret" not in message, f"expected the password masked, got {message!r}"
+
+
+def test_url_options_accepted(name: str, redis_url: str) -> None:
+    url = f"{redis_url.rstrip('/')}?dial_timeout=2s&read_timeout=1.5s&write_timeout=2&max_retries=1&client_name=tests"
+    semaphore = Semaphore(name, 1, redis_url=url)
+
+    async def main() -> None:
+        async with semaphore:
+            pass
+
+    run(main())
 
 
 def test_missing_unix_socket_raises(tmp_path, name: str) -> None:

@@ -488,6 +488,26 @@ def test_semaphore_exit_without_entry(name: str, redis_url: str) -> None:
     run(scenario())
 
 
+def test_semaphore_task_ending_inside_block_releases(
+    name: str, redis_url: str, observer: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    semaphore = Semaphore(name, 1, redis_url=redis_url, max_sleep=5)
+
+    async def main() -> None:
+        async def enter_and_leave_open() -> None:
+            await semaphore.__aenter__()  # never exited, as in a coroutine that forgot the block
+
+        await asyncio.create_task(enter_and_leave_open())
+        async with semaphore:  # the done task's slot comes back, so this entry gets it
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="self_limiters"):
+        run(main())
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("without leaving" in message for message in warnings), f"expected a warning about the task, got {warnings}"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, timeout=5), "expected no holder left"
+
+
 def test_semaphore_exception_releases_slot(name: str, redis_url: str, observer: redis.Redis) -> None:
     async def scenario() -> None:
         semaphore = Semaphore(name, 1, max_sleep=0.5, redis_url=redis_url)

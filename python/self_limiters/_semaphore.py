@@ -6,7 +6,7 @@ import asyncio
 import logging
 from types import TracebackType
 
-from . import _bridge, _validate
+from . import _bridge, _url, _validate
 
 logger = logging.getLogger("self_limiters")
 
@@ -58,11 +58,12 @@ class Semaphore:
         self._capacity = _validate.check_count("capacity", capacity)
         self._max_sleep = _validate.check_max_sleep(max_sleep)
         self._expiry = 30.0 if expiry is None else _validate.check_duration("expiry", expiry, _validate.MIN_EXPIRY)
-        self._redis_url = _validate.check_redis_url(redis_url)
+        self._redis_url = _url.check_redis_url(redis_url)
         self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=15)
         self._handle = 0
         # Slots held, per task that entered: each exit releases the slot of its own task's
-        # innermost entry, however many tasks share this object.
+        # innermost entry, however many tasks share this object. A task's list stays until the
+        # task is done, so that its done callback is added once.
         self._held: dict[asyncio.Task[object], list[int]] = {}
 
     @property
@@ -105,9 +106,26 @@ class Semaphore:
 
         task = asyncio.current_task()
         assert task is not None  # an async with block always runs in a task
-        self._held.setdefault(task, []).append(request_id)
+        held = self._held.get(task)
+        if held is None:
+            held = self._held[task] = []
+            task.add_done_callback(self._release_abandoned)
+        held.append(request_id)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("acquired a slot of %s", self.name)
+
+    def _release_abandoned(self, task: asyncio.Task[object]) -> None:
+        """Give back the slots of a task that ended without leaving its blocks (done callback)."""
+        held = self._held.pop(task, [])
+        if not held:
+            return
+        logger.warning(
+            "a task ended inside %d block(s) of %s without leaving them; their slots are given back",
+            len(held),
+            self.name,
+        )
+        for request_id in held:
+            _bridge.library().pybridge_Cancel(request_id, False)
 
     async def __aexit__(
         self,
@@ -120,8 +138,6 @@ class Semaphore:
         if not held:
             raise RuntimeError(f"{self!r} was exited in a task that does not hold it")
         request_id = held.pop()
-        if not held:
-            del self._held[task]  # type: ignore[arg-type]  # held is only found for a task
 
         # The release goes on in Go when this task is cancelled meanwhile.
         port = _bridge.port()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from types import TracebackType
 
-from . import _bridge, _validate
+from . import _bridge, _url, _validate
 from ._semaphore import _KEY_PREFIX, logger
 
 
@@ -56,7 +56,7 @@ class TokenBucket:
             "refill_frequency", refill_frequency, _validate.MIN_REFILL_FREQUENCY
         )
         self._refill_amount = _validate.check_count("refill_amount", refill_amount)
-        self._redis_url = _validate.check_redis_url(redis_url)
+        self._redis_url = _url.check_redis_url(redis_url)
         self._max_sleep = _validate.check_max_sleep(max_sleep)
         self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=30)
         self._handle = 0

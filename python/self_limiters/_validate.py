@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
-from urllib.parse import urlsplit
-
-from ._errors import RedisError
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
 # The Go core keeps counts and times exact in the float64 numbers of Redis's Lua up to these.
 MAX_COUNT = 2**53
 MAX_SECONDS = 100 * 365 * 24 * 3600.0
 MIN_EXPIRY = 0.01
 MIN_REFILL_FREQUENCY = 1e-6
-
-_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
 def check_name(value: object) -> str:
@@ -75,59 +67,3 @@ def check_duration(argument: str, value: object, minimum: float) -> float:
     if seconds > MAX_SECONDS:
         raise ValueError(f"{argument} must be at most {MAX_SECONDS:.0f} seconds (100 years), got {value}")
     return seconds
-
-
-def check_redis_url(value: object) -> str:
-    """Return the URL when it is usable as far as can be told without connecting.
-
-    A plainly malformed URL raises RedisError, as self-limiters 0.4.0 did. The message never
-    contains the URL's password.
-    """
-    if value is None:
-        return DEFAULT_REDIS_URL
-    if not isinstance(value, str):
-        raise TypeError(f"redis_url must be a str, got {type(value).__name__}")
-    if "\0" in value:
-        raise RedisError("invalid redis_url: it contains a NUL character")
-    shown = redact_url(value)
-
-    _, _, rest = value.partition("://")
-    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
-        # An unescaped '/', '?' or '#' in the user name or password ends the host part early, so
-        # a parser would read part of the password as the port or the path.
-        raise RedisError(
-            f"invalid redis_url {shown}: the user name or password contains '/', '?' or '#'; "
-            "percent-encode them (%2F, %3F, %23)"
-        )
-    try:
-        parts = urlsplit(value)
-        parts.port  # raises ValueError for a port that is not a number from 0 to 65535
-    except ValueError:
-        # ValueError's text may repeat parts of the URL, so it is not shown.
-        raise RedisError(f"invalid redis_url {shown}: the port must be a number from 0 to 65535") from None
-    if parts.scheme not in _URL_SCHEMES:
-        scheme = f"{parts.scheme!r}" if parts.scheme else "no scheme"
-        raise RedisError(f"invalid redis_url {shown}: the scheme must be redis://, rediss:// or unix://, got {scheme}")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise RedisError(f"invalid redis_url {shown}: the host is missing, as in redis://127.0.0.1:6379")
-    if parts.scheme != "unix" and parts.netloc.endswith(":"):
-        raise RedisError(f"invalid redis_url {shown}: the port after ':' is empty")
-    if parts.scheme == "unix" and not parts.path:
-        raise RedisError(f"invalid redis_url {shown}: a unix:// URL needs the socket path")
-    return value
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with the password, if any, replaced by ``xxxxx``.
-
-    The password is taken to run from the first ':' after the scheme to the last '@', which also
-    hides a password with an unescaped '/', '?', '#' or '@' that URL parsers would split elsewhere.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return "(not a URL)"
-    userinfo, at, after = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return f"{scheme}://{user}:xxxxx@{after}"

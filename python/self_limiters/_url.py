@@ -1,0 +1,130 @@
+"""Checks and redaction of ``redis_url`` values, done at construction without Go or a connection.
+
+The checks follow the URL parser of go-redis 9.23, which the Go core uses, so that a URL that
+passes here is rejected later only for what needs a server (a wrong password, a missing socket).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlsplit
+
+from ._errors import RedisError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+# Query options of go-redis's URL parser, by the kind of value each takes.
+_INT_OPTIONS = frozenset({
+    "db", "protocol", "max_retries", "min_idle_conns", "max_idle_conns", "max_active_conns",
+    "max_concurrent_dials", "pipeline_pool_size", "pipeline_read_buffer_size", "pipeline_write_buffer_size",
+})
+_DURATION_OPTIONS = frozenset({
+    "min_retry_backoff", "max_retry_backoff", "dial_timeout", "read_timeout", "write_timeout", "pool_timeout",
+    "conn_max_idle_time", "idle_timeout", "conn_max_lifetime", "max_conn_age", "conn_max_lifetime_jitter",
+})
+_BOOL_OPTIONS = frozenset({"pool_fifo"})
+_STRING_OPTIONS = frozenset({"client_name"})
+_TLS_OPTIONS = frozenset({"skip_verify"})  # a bool, read for rediss:// only
+_REPLACED_OPTIONS = {
+    "pool_size": "use the connection_pool_size argument instead",
+    "password": "put the password in the user info instead: redis://user:password@host:6379",
+    "username": "put the user name in the user info instead: redis://user:password@host:6379",
+}
+
+# A duration as go-redis reads it: whole seconds, or Go's duration syntax such as 1.5s or 300ms.
+_DURATION = re.compile(r"[+-]?\d+|[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
+_INTEGER = re.compile(r"[+-]?\d+")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
+
+
+def check_redis_url(value: object) -> str:
+    """Return the URL when it is usable as far as can be told without connecting.
+
+    A malformed URL raises RedisError, as self-limiters 0.4.0 did, with a message that says which
+    part is wrong and never contains the password.
+    """
+    if value is None:
+        return DEFAULT_REDIS_URL
+    if not isinstance(value, str):
+        raise TypeError(f"redis_url must be a str, got {type(value).__name__}")
+
+    def invalid(reason: str) -> RedisError:
+        return RedisError(f"invalid redis_url {redact_url(value)}: {reason}")
+
+    if "\0" in value:
+        raise invalid("it contains a NUL character")
+    _, _, rest = value.partition("://")
+    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        # An unescaped '/', '?' or '#' in the user info ends the host part early, so a parser
+        # would read part of the password as the port or the path.
+        raise invalid("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
+    if _BAD_ESCAPE.search(value):
+        raise invalid("a '%' is not followed by two hex digits; write a literal '%' as %25")
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        # ValueError's text may repeat parts of the URL, so it is not shown.
+        raise invalid("the port must be a number from 0 to 65535") from None
+
+    if parts.scheme not in _SCHEMES:
+        scheme = repr(parts.scheme) if parts.scheme else "no scheme"
+        raise invalid(f"the scheme must be redis://, rediss:// or unix://, got {scheme}")
+    if parts.scheme == "unix":
+        if not parts.path.strip():
+            raise invalid("a unix:// URL needs the socket path, as in unix:///run/redis.sock")
+    else:
+        if not parts.hostname:
+            raise invalid("the host is missing, as in redis://127.0.0.1:6379")
+        if parts.netloc.endswith(":"):
+            raise invalid("the port after ':' is empty")
+        _check_database_path(parts.path, invalid)
+    _check_options(parse_qsl(parts.query, keep_blank_values=True), parts.scheme == "rediss", invalid)
+    return value
+
+
+def _check_database_path(path: str, invalid) -> None:
+    segments = [segment for segment in path.split("/") if segment]
+    if len(segments) > 1:
+        raise invalid("the path must be empty or one database number, as in /0")
+    if segments and not segments[0].isdigit():
+        raise invalid(f"the database number in the path must be a non-negative integer, got {segments[0]!r}")
+
+
+def _check_options(options: list[tuple[str, str]], tls: bool, invalid) -> None:
+    for name, option_value in options:
+        if name in _REPLACED_OPTIONS:
+            raise invalid(f"the option {name} is not supported; {_REPLACED_OPTIONS[name]}")
+        if name in _INT_OPTIONS:
+            valid = bool(_INTEGER.fullmatch(option_value))
+        elif name in _DURATION_OPTIONS:
+            valid = bool(_DURATION.fullmatch(option_value))
+        elif name in _BOOL_OPTIONS or (tls and name in _TLS_OPTIONS):
+            valid = option_value in ("true", "false", "1", "0", "")
+        elif name in _STRING_OPTIONS:
+            valid = True
+        else:
+            raise invalid(f"unknown option {name!r}")
+        if not valid:
+            raise invalid(f"the option {name} has an invalid value {option_value!r}")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password, if any, replaced by ``xxxxx``.
+
+    The password in the user info is taken to run from the first ':' after the scheme to the last
+    '@', which also hides a password with an unescaped '/', '?', '#' or '@' that URL parsers would
+    split elsewhere. A password given as a query option is hidden too.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "(not a URL)"
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon:
+        url = f"{scheme}://{user}:xxxxx@{after}"
+    return _QUERY_PASSWORD.sub(r"\1xxxxx", url)

@@ -1,0 +1,568 @@
+"""Redis faults as callers see them: a restart, a paused server, SCRIPT FLUSH, CLIENT KILL, a
+stopped holder process, and lost data.
+
+Every test that stops, pauses or flushes Redis, or kills its connections, runs its own private
+server (fault_support.PrivateRedis), never the session server of conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from fault_support import PrivateRedis, start_holder_child
+from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
+from support import read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until_async
+
+# Client settings of pybridge/limiters.go and go-redis v9 defaults: 1 try plus 3 retries, with a
+# backoff of at most 1 s before each retry.
+DIAL_TIMEOUT = 5.0
+READ_TIMEOUT = 3.0
+TRIES = 4
+MAX_BACKOFF = 1.0
+
+# A refused connection fails each try at once, so only the backoffs count: README states about
+# 2 s (1.7 s measured on 2 cores). The dial timeout leaves room for a loaded machine.
+REFUSED_BOUND = DIAL_TIMEOUT
+# A paused server accepts connections but never replies, so every try ends at the read timeout.
+PAUSED_BOUND = TRIES * READ_TIMEOUT + (TRIES - 1) * MAX_BACKOFF
+# A queued waiter fails in two steps: its wake-up read (BLPOP) fails after its retries, which
+# triggers a check-in, and that check-in fails after its own retries.
+WAITER_BOUND = 2 * REFUSED_BOUND
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test alone, stopped at the end."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = PrivateRedis(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _lease_lost_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "self_limiters" and r.levelno >= logging.WARNING]
+
+
+async def _enter(limiter: Semaphore | TokenBucket) -> None:
+    async with limiter:
+        pass
+
+
+async def _entry_outcome(limiter: Semaphore | TokenBucket) -> tuple[Exception | None, float]:
+    """Enter and leave ``limiter`` once; return the exception raised, if any, and the monotonic end time."""
+    try:
+        async with limiter:
+            pass
+    except Exception as exc:
+        return exc, time.monotonic()
+    return None, time.monotonic()
+
+
+async def _hold_until(
+    semaphore: Semaphore, entered: list[int], release: asyncio.Event
+) -> tuple[Exception | None, float]:
+    """Hold a slot until ``release`` is set, appending to ``entered`` once inside.
+
+    Returns the exception that the exit raised, if any, and the seconds that the exit took.
+    """
+    exit_started = 0.0
+    try:
+        async with semaphore:
+            entered.append(1)
+            await release.wait()
+            exit_started = time.monotonic()
+    except Exception as exc:
+        return exc, time.monotonic() - exit_started
+    return None, time.monotonic() - exit_started
+
+
+async def _entries_at_once(name: str, capacity: int, url: str, attempts: int) -> tuple[int, int]:
+    """Try ``attempts`` entries at the same time with max_sleep=0.5, each holding its slot.
+
+    Returns (entries that succeeded, entries that raised MaxSleepExceededError).
+    """
+    release = asyncio.Event()
+    entered = 0
+
+    async def attempt() -> None:
+        nonlocal entered
+        async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
+            entered += 1
+            await release.wait()
+
+    tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
+    await asyncio.sleep(1.0)  # every attempt has entered or given up after 0.5 s by now
+    release.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    unexpected = [o for o in outcomes if o is not None and not isinstance(o, MaxSleepExceededError)]
+    assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
+    timed_out = sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
+    return entered, timed_out
+
+
+async def _wait_for_queue(url: str, name: str, expected: int) -> None:
+    async with redis.asyncio.from_url(url) as client:
+
+        async def queued() -> bool:
+            return await client.zcard(semaphore_key(name, "waiters")) == expected
+
+        assert await wait_until_async(queued, 10), f"expected {expected} waiters in the Redis queue within 10 s"
+
+
+def test_redis_restart_fails_then_recovers(private_redis: PrivateRedis, name: str) -> None:
+    url = private_redis.url
+    capacity = 2
+
+    async def scenario() -> dict[str, object]:
+        semaphore = Semaphore(name, capacity, redis_url=url)
+        bucket = TokenBucket(name, 3, 10.0, 1, max_sleep=0.5, redis_url=url)
+        await _enter(bucket)  # the bucket has state in Redis before the restart
+
+        entered: list[int] = []
+        release = asyncio.Event()
+        holders = [asyncio.create_task(_hold_until(semaphore, entered, release)) for _ in range(capacity)]
+
+        async def all_entered() -> bool:
+            return len(entered) == capacity
+
+        assert await wait_until_async(all_entered, 10), f"expected {capacity} holders within 10 s, got {len(entered)}"
+        waiter = asyncio.create_task(_entry_outcome(semaphore))
+        await _wait_for_queue(url, name, 1)
+
+        private_redis.stop()
+        stopped_at = time.monotonic()
+        release.set()
+        (semaphore_error, semaphore_end), (bucket_error, bucket_end) = await asyncio.gather(
+            _entry_outcome(semaphore), _entry_outcome(bucket)
+        )
+        waiter_error, waiter_end = await waiter
+        holder_exits = await asyncio.gather(*holders)
+
+        private_redis.start()
+        # The same objects, which kept their connection pools to the old server.
+        entered.clear()
+        release = asyncio.Event()
+        holders = [asyncio.create_task(_hold_until(semaphore, entered, release)) for _ in range(capacity)]
+        both_in = await wait_until_async(all_entered, 10)
+        extra_error, _ = await _entry_outcome(Semaphore(name, capacity, max_sleep=0.3, redis_url=url))
+        release.set()
+        exits_after_restart = await asyncio.gather(*holders)
+        bucket_outcomes = [await _entry_outcome(bucket) for _ in range(4)]
+
+        return {
+            "semaphore": (semaphore_error, semaphore_end - stopped_at),
+            "bucket": (bucket_error, bucket_end - stopped_at),
+            "waiter": (waiter_error, waiter_end - stopped_at),
+            "holder_exits": holder_exits,
+            "both_in": both_in,
+            "extra_error": extra_error,
+            "exits_after_restart": [error for error, _ in exits_after_restart],
+            "bucket_errors": [error for error, _ in bucket_outcomes],
+        }
+
+    outcome = run(scenario(), timeout=60)
+
+    for entry in ("semaphore", "bucket"):
+        error, seconds = outcome[entry]  # type: ignore[misc]
+        assert isinstance(error, RedisError), f"expected RedisError from a {entry} entry while Redis was down, got {error!r}"
+        assert seconds < REFUSED_BOUND, f"expected the {entry} entry to fail within {REFUSED_BOUND} s, took {seconds:.2f} s"
+    error, seconds = outcome["waiter"]  # type: ignore[misc]
+    assert isinstance(error, RedisError), f"expected RedisError for the queued waiter, got {error!r}"
+    assert seconds < WAITER_BOUND, f"expected the queued waiter to fail within {WAITER_BOUND} s of the stop, took {seconds:.2f} s"
+    for error, seconds in outcome["holder_exits"]:  # type: ignore[attr-defined]
+        assert isinstance(error, RedisError), f"expected RedisError from a holder's exit while Redis was down, got {error!r}"
+        assert seconds < REFUSED_BOUND, f"expected the holder's exit to fail within {REFUSED_BOUND} s, took {seconds:.2f} s"
+
+    assert outcome["both_in"], f"expected {capacity} holders at once through the same object after the restart {outcome}"
+    extra_error = outcome["extra_error"]
+    assert isinstance(extra_error, MaxSleepExceededError), f"expected an entry over capacity to time out after the restart, got {extra_error!r}"
+    assert outcome["exits_after_restart"] == [None] * capacity, f"expected clean exits after the restart, got {outcome['exits_after_restart']}"
+    # The restarted server has no state, so the bucket is full again: 3 tokens, then a wait of
+    # 10 s, which max_sleep=0.5 rejects.
+    bucket_errors = outcome["bucket_errors"]
+    assert bucket_errors[:3] == [None] * 3, f"expected 3 bucket entries after the restart, got {bucket_errors[:3]}"  # type: ignore[index]
+    assert isinstance(bucket_errors[3], MaxSleepExceededError), f"expected the 4th bucket entry to exceed max_sleep, got {bucket_errors[3]!r}"  # type: ignore[index]
+
+
+def test_paused_redis_entries_time_out(private_redis: PrivateRedis, name: str) -> None:
+    url = private_redis.url
+
+    async def scenario() -> tuple[list[tuple[Exception | None, float]], list[Exception | None]]:
+        # Capacity 2, because a timed-out acquire may still run once the server continues: the
+        # release that gives it back may run before it, which leaves one slot held until expiry.
+        semaphore = Semaphore(name, 2, redis_url=url)
+        bucket = TokenBucket(name, 100, 1.0, 100, redis_url=url)
+        await _enter(semaphore)
+        await _enter(bucket)
+
+        private_redis.pause()
+        try:
+            paused_at = time.monotonic()
+            outcomes = await asyncio.gather(_entry_outcome(semaphore), _entry_outcome(bucket))
+        finally:
+            private_redis.resume()
+        after = await asyncio.gather(_entry_outcome(semaphore), _entry_outcome(bucket))
+        return [(error, end - paused_at) for error, end in outcomes], [error for error, _ in after]
+
+    while_paused, after_resume = run(scenario(), timeout=60)
+
+    for entry, (error, seconds) in zip(("semaphore", "bucket"), while_paused):
+        assert isinstance(error, RedisError), f"expected RedisError from a {entry} entry while Redis was paused, got {error!r}"
+        assert "timeout" in str(error), f"expected a timeout as the cause, got {str(error)!r}"
+        assert seconds < PAUSED_BOUND, f"expected the {entry} entry to fail within {PAUSED_BOUND} s, took {seconds:.2f} s"
+    assert after_resume == [None, None], f"expected both entries to succeed once Redis continued, got {after_resume}"
+
+
+async def _flush_scripts_repeatedly(client: redis.asyncio.Redis, flushes: list[int], interval: float) -> None:
+    while True:
+        await client.script_flush()
+        flushes.append(1)
+        await asyncio.sleep(interval)
+
+
+async def _eval_calls(client: redis.asyncio.Redis) -> int:
+    """Return how often the server ran EVAL, which the limiters send after a NOSCRIPT reply."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_script_flush_semaphore_unchanged(
+    private_redis: PrivateRedis, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="self_limiters")
+    url = private_redis.url
+    capacity, tasks, rounds = 3, 30, 3
+
+    async def scenario() -> dict[str, object]:
+        semaphore = Semaphore(name, capacity, redis_url=url)
+        inside = 0
+        max_inside = 0
+
+        async def enter_repeatedly() -> None:
+            nonlocal inside, max_inside
+            for _ in range(rounds):
+                async with semaphore:
+                    inside += 1
+                    max_inside = max(max_inside, inside)
+                    await asyncio.sleep(random.uniform(0.005, 0.02))
+                    inside -= 1
+
+        async with redis.asyncio.from_url(url) as client:
+            flushes: list[int] = []
+            flusher = asyncio.create_task(_flush_scripts_repeatedly(client, flushes, 0.01))
+            try:
+                outcomes = await asyncio.gather(*(enter_repeatedly() for _ in range(tasks)), return_exceptions=True)
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            return {
+                "failures": [outcome for outcome in outcomes if outcome is not None],
+                "max_inside": max_inside,
+                "flushes": len(flushes),
+                "evals": await _eval_calls(client),
+                "holders": await client.zcard(semaphore_key(name, "holders")),
+                "waiters": await client.zcard(semaphore_key(name, "waiters")),
+            }
+
+    outcome = run(scenario(), timeout=60)
+
+    assert outcome["failures"] == [], f"expected no entry to fail, got {outcome['failures']}"
+    assert outcome["evals"] >= 2, f"expected the scripts to be loaded again after flushes, EVAL ran {outcome['evals']} times in {outcome['flushes']} flushes"  # type: ignore[operator]
+    assert outcome["max_inside"] == capacity, f"expected at most and at some point exactly {capacity} holders at once, max was {outcome['max_inside']}"
+    assert outcome["holders"] == 0, f"expected every slot released, Redis has {outcome['holders']} holders"
+    assert outcome["waiters"] == 0, f"expected nobody queued, Redis has {outcome['waiters']} waiters"
+    assert not _lease_lost_warnings(caplog), f"expected no warning, got {_lease_lost_warnings(caplog)}"
+
+
+def test_script_flush_token_bucket_unchanged(private_redis: PrivateRedis, name: str) -> None:
+    url = private_redis.url
+    capacity, period, workers, rounds = 5, 0.05, 5, 5
+    entries = workers * rounds
+
+    async def scenario() -> dict[str, object]:
+        bucket = TokenBucket(name, capacity, period, 1, redis_url=url)
+        entered_at: list[float] = []
+
+        async def enter_repeatedly() -> None:
+            for _ in range(rounds):
+                async with bucket:
+                    entered_at.append(time.monotonic())
+
+        async with redis.asyncio.from_url(url) as client:
+            flushes: list[int] = []
+            flusher = asyncio.create_task(_flush_scripts_repeatedly(client, flushes, 0.005))
+            started = time.monotonic()
+            try:
+                outcomes = await asyncio.gather(*(enter_repeatedly() for _ in range(workers)), return_exceptions=True)
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            return {
+                "failures": [outcome for outcome in outcomes if outcome is not None],
+                "offsets": sorted(at - started for at in entered_at),
+                "flushes": len(flushes),
+                "evals": await _eval_calls(client),
+            }
+
+    outcome = run(scenario(), timeout=60)
+    offsets: list[float] = outcome["offsets"]  # type: ignore[assignment]
+
+    assert outcome["failures"] == [], f"expected no entry to fail, got {outcome['failures']}"
+    assert len(offsets) == entries, f"expected {entries} entries, got {len(offsets)}"
+    assert outcome["evals"] >= 2, f"expected the script to be loaded again after flushes, EVAL ran {outcome['evals']} times in {outcome['flushes']} flushes"  # type: ignore[operator]
+    # The k-th entry (from 0) needs k + 1 - capacity refills after the bucket's first use, which
+    # came after `started`. 5 ms covers rounding to whole µs and the two clocks.
+    early = [
+        (k, round(offset, 4), round((k + 1 - capacity) * period, 4))
+        for k, offset in enumerate(offsets)
+        if offset < (k + 1 - capacity) * period - 0.005
+    ]
+    assert not early, f"expected no entry before its refill, got (entry, seconds, earliest allowed): {early}"
+    last_due = (entries - capacity) * period
+    assert offsets[-1] < last_due + 3.0, f"expected the last entry within 3 s of its refill at {last_due:.2f} s, it came at {offsets[-1]:.2f} s"
+
+
+def test_client_kill_waiters_keep_slots(
+    private_redis: PrivateRedis, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="self_limiters")
+    url = private_redis.url
+    capacity, waiter_count = 2, 6
+
+    async def scenario() -> dict[str, object]:
+        # Different pool sizes make two participants with their own owner ids and clients in
+        # this process, so the holders' releases reach the waiters through the wake-up list and
+        # its BLPOP connection, as releases of another process do. The default expiry of 30 s
+        # keeps a lost slot lost for the whole test.
+        waiting = Semaphore(name, capacity, redis_url=url)
+        holding = Semaphore(name, capacity, redis_url=url, connection_pool_size=14)
+        inside = 0
+        max_inside = 0
+        outcomes: list[str | Exception] = []
+        releases = [asyncio.Event() for _ in range(capacity)]
+
+        async def hold(release: asyncio.Event) -> None:
+            nonlocal inside, max_inside
+            async with holding:
+                inside += 1
+                max_inside = max(max_inside, inside)
+                await release.wait()
+                inside -= 1
+
+        async def wait_then_hold() -> None:
+            nonlocal inside, max_inside
+            try:
+                async with waiting:
+                    inside += 1
+                    max_inside = max(max_inside, inside)
+                    await asyncio.sleep(0.1)
+                    inside -= 1
+            except Exception as exc:
+                outcomes.append(exc)
+                return
+            outcomes.append("entered")
+
+        async with redis.asyncio.from_url(url, decode_responses=True) as client:
+
+            async def kill_connections() -> int:
+                return int(await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
+
+            holders = [asyncio.create_task(hold(release)) for release in releases]
+
+            async def all_holding() -> bool:
+                return inside == capacity
+
+            assert await wait_until_async(all_holding, 10), f"expected {capacity} holders within 10 s, got {inside}"
+            waiters = [asyncio.create_task(wait_then_hold()) for _ in range(waiter_count)]
+            await _wait_for_queue(url, name, waiter_count)
+            commands_before = sorted(entry["cmd"] for entry in await client.client_list())
+
+            killed = [await kill_connections()]
+            for _ in range(4):  # 0.8 s of kills while everybody waits
+                await asyncio.sleep(0.2)
+                killed.append(await kill_connections())
+            for release in releases:
+                release.set()
+                killed.append(await kill_connections())
+            for _ in range(10):  # kills while the waiters take turns
+                await asyncio.sleep(0.05)
+                killed.append(await kill_connections())
+            await asyncio.wait_for(asyncio.gather(*holders, *waiters), 30)
+
+            async def all_released() -> bool:
+                return await client.zcard(semaphore_key(name, "holders")) == 0
+
+            released = await wait_until_async(all_released, 5)
+            entered, timed_out = await _entries_at_once(name, capacity, url, capacity + 1)
+        return {
+            "commands_before": commands_before,
+            "killed": killed,
+            "outcomes": outcomes,
+            "max_inside": max_inside,
+            "released": released,
+            "entered": entered,
+            "timed_out": timed_out,
+        }
+
+    outcome = run(scenario(), timeout=60)
+    outcomes: list[str | Exception] = outcome["outcomes"]  # type: ignore[assignment]
+
+    assert "blpop" in outcome["commands_before"], f"expected a waiter's BLPOP connection before the kills, clients ran {outcome['commands_before']}"  # type: ignore[operator]
+    assert outcome["killed"][0] >= 2, f"expected the first CLIENT KILL to close the limiters' connections, it closed {outcome['killed'][0]}"  # type: ignore[index]
+    unexpected = [o for o in outcomes if o != "entered" and not isinstance(o, RedisError)]
+    assert not unexpected, f"expected each waiter to enter or raise RedisError, got {unexpected}"
+    assert len(outcomes) == waiter_count, f"expected {waiter_count} waiters to finish, {len(outcomes)} did"
+    assert outcome["max_inside"] <= capacity, f"expected at most {capacity} holders at once, saw {outcome['max_inside']}"
+    assert outcome["released"], "expected every slot back in Redis within 5 s of the last exit"
+    assert outcome["entered"] == capacity, f"expected exactly {capacity} entries at once afterwards, got {outcome['entered']}"
+    assert outcome["timed_out"] == 1, f"expected 1 entry over capacity to time out afterwards, got {outcome['timed_out']}"
+    assert not _lease_lost_warnings(caplog), f"expected no warning, got {_lease_lost_warnings(caplog)}"
+
+
+def test_stopped_holder_loses_lease(
+    tmp_path: Path, name: str, redis_url: str, observer: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="self_limiters")
+    expiry = 1.0
+    child = start_holder_child(redis_url, name, expiry, cwd=tmp_path)
+    try:
+        line = read_first_line(child, 30)
+        assert line.strip() == "holding", f"expected the child to report 'holding', got {line!r}"
+
+        async def scenario() -> dict[str, object]:
+            semaphore = Semaphore(name, 1, expiry=expiry, redis_url=redis_url)
+            entered = asyncio.Event()
+            release = asyncio.Event()
+
+            async def hold() -> None:
+                async with semaphore:
+                    entered.set()
+                    await release.wait()
+
+            holder = asyncio.create_task(hold())
+            await asyncio.sleep(2 * expiry)  # several renewals of the child's lease
+            entered_while_child_ran = entered.is_set()
+
+            os.kill(child.pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            await wait_for_event(entered, holder, timeout=expiry + 10)
+            took_over_after = time.monotonic() - stopped_at
+
+            os.kill(child.pid, signal.SIGCONT)
+            assert child.stdin is not None
+            child.stdin.write("release\n")
+            child.stdin.flush()
+            report = await asyncio.to_thread(read_first_line, child, 30)
+            child_status = await asyncio.to_thread(child.wait, 10)
+
+            holders_after_child = observer.zcard(semaphore_key(name, "holders"))
+            extra_error, _ = await _entry_outcome(Semaphore(name, 1, expiry=expiry, max_sleep=0.3, redis_url=redis_url))
+            release.set()
+            await holder
+            return {
+                "entered_while_child_ran": entered_while_child_ran,
+                "took_over_after": took_over_after,
+                "report": report,
+                "child_status": child_status,
+                "holders_after_child": holders_after_child,
+                "extra_error": extra_error,
+            }
+
+        outcome = run(scenario(), timeout=60)
+    finally:
+        stop_child(child)  # SIGKILL ends a stopped child too
+
+    assert not outcome["entered_while_child_ran"], "expected the waiter to wait while the child held and renewed the only slot"
+    assert outcome["took_over_after"] < expiry + 3, f"expected the waiter in within {expiry + 3} s of SIGSTOP, took {outcome['took_over_after']:.2f} s"
+    assert outcome["report"], "expected the child's report on stdout within 30 s of SIGCONT"
+    report = json.loads(outcome["report"])  # type: ignore[arg-type]
+    assert report["error"] is None, f"expected the child's block to leave without error, got {report['error']!r}"
+    assert len(report["warnings"]) == 1, f"expected 1 warning in the child, got {report['warnings']}"
+    assert "expired" in report["warnings"][0], f"expected the child's warning to say the lease expired, got {report['warnings'][0]!r}"
+    assert f"__self-limiters:{name}" in report["warnings"][0], f"expected the semaphore's name in the warning, got {report['warnings'][0]!r}"
+    assert outcome["child_status"] == 0, f"expected the child to exit with 0, got {outcome['child_status']}"
+    assert outcome["holders_after_child"] == 1, f"expected the new holder's slot kept after the child's exit, Redis has {outcome['holders_after_child']} holders"
+    extra_error = outcome["extra_error"]
+    assert isinstance(extra_error, MaxSleepExceededError), f"expected a second entry to wait while the new holder holds, got {extra_error!r}"
+    assert not _lease_lost_warnings(caplog), f"expected no warning for the new holder, got {_lease_lost_warnings(caplog)}"
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+def test_data_loss_holders_warn(
+    loss: str, private_redis: PrivateRedis, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="self_limiters")
+    url = private_redis.url
+    capacity, expiry = 2, 1.5
+
+    async def scenario() -> dict[str, object]:
+        semaphore = Semaphore(name, capacity, expiry=expiry, redis_url=url)
+        entered: list[int] = []
+        release = asyncio.Event()
+        holders = [asyncio.create_task(_hold_until(semaphore, entered, release)) for _ in range(capacity)]
+
+        async def all_entered() -> bool:
+            return len(entered) == capacity
+
+        assert await wait_until_async(all_entered, 10), f"expected {capacity} holders within 10 s, got {len(entered)}"
+        waiter = asyncio.create_task(_entry_outcome(semaphore))
+        await _wait_for_queue(url, name, 1)
+
+        if loss == "flushall":
+            client = private_redis.client()
+            try:
+                client.flushall()
+            finally:
+                client.close()
+        else:
+            private_redis.stop()
+            private_redis.start()
+        lost_at = time.monotonic()
+        waiter_error, waiter_end = await asyncio.wait_for(waiter, expiry + 10)
+
+        release.set()
+        holder_exits = await asyncio.gather(*holders)
+        entered_at_once, timed_out = await _entries_at_once(name, capacity, url, capacity + 1)
+        return {
+            "waiter_error": waiter_error,
+            "waiter_after": waiter_end - lost_at,
+            "exit_errors": [error for error, _ in holder_exits],
+            "entered": entered_at_once,
+            "timed_out": timed_out,
+        }
+
+    outcome = run(scenario(), timeout=60)
+    warnings = _lease_lost_warnings(caplog)
+
+    waiter_error = outcome["waiter_error"]
+    if loss == "flushall":
+        assert waiter_error is None, f"expected the queued waiter to enter after FLUSHALL, got {waiter_error!r}"
+    else:
+        # A check-in that fell into the restart fails the waiter; otherwise it queues again.
+        assert waiter_error is None or isinstance(waiter_error, RedisError), f"expected the queued waiter to enter or raise RedisError, got {waiter_error!r}"
+    assert outcome["waiter_after"] < expiry + 3, f"expected the waiter done within {expiry + 3} s of the loss, took {outcome['waiter_after']:.2f} s"
+    assert outcome["exit_errors"] == [None] * capacity, f"expected the holders to leave without error, got {outcome['exit_errors']}"
+    assert len(warnings) == capacity, f"expected 1 lease-lost warning per holder ({capacity}), got {warnings}"
+    for message in warnings:
+        assert "expired" in message, f"expected the warning to say the lease expired, got {message!r}"
+    assert outcome["entered"] == capacity, f"expected exactly {capacity} entries at once afterwards, got {outcome['entered']}"
+    assert outcome["timed_out"] == 1, f"expected 1 entry over capacity to time out afterwards, got {outcome['timed_out']}"
