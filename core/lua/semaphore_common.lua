@@ -36,8 +36,13 @@ redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
 
 -- Moves waiters into the holders set in ticket order while there is room. Waiters of a caller
 -- other than this one are told through their owner's wake list; the caller's own are returned,
--- so the Go side wakes them without a round trip. Waiters whose owner stopped checking in are
--- dropped, so a crashed process never receives a slot.
+-- so the Go side wakes them without a round trip.
+--
+-- A live owner refreshes its alive key every expiry/3, so the key always has more than 2/3 of
+-- expiry left. An owner whose key has expiry/3 or less left has missed a check-in, and a crashed
+-- one is in that state by the time its last lease runs out; its waiters are dropped (a live but
+-- late owner enqueues them again at its next check-in). A waiter of another owner also gets a
+-- lease that ends no later than that owner's alive key.
 local function admit()
   local own = {}
   local free = capacity - redis.call('ZCARD', holders)
@@ -48,12 +53,14 @@ local function admit()
     end
     local token = head[1]
     local owner = owner_of(token)
-    if owner and redis.call('EXISTS', alive_key(owner)) == 1 then
-      redis.call('ZADD', holders, deadline, token)
+    local alive_ttl = owner and redis.call('PTTL', alive_key(owner)) or -2
+    if alive_ttl > 0 and (owner == caller or alive_ttl > expiry / 3) then
       free = free - 1
       if owner == caller then
+        redis.call('ZADD', holders, deadline, token)
         own[#own + 1] = token
       else
+        redis.call('ZADD', holders, string.format('%d', now + math.min(expiry, alive_ttl)), token)
         local wake = prefix .. 'wake:' .. owner
         redis.call('RPUSH', wake, token)
         redis.call('PEXPIRE', wake, ARGV[3])
