@@ -66,7 +66,7 @@ type Semaphore struct {
 	rdb     redis.Scripter
 	wake    Blocker
 	cfg     SemaphoreConfig
-	keys    []string // holders, waiters, ticket counter
+	keys    []string // holders, waiters, ticket counter, lost leases
 	owner   string
 	args    []any // ARGV[1..4] of every semaphore script
 	wakeKey string
@@ -122,7 +122,7 @@ func NewSemaphore(rdb redis.Scripter, cfg SemaphoreConfig) (*Semaphore, error) {
 		rdb:     rdb,
 		wake:    wake,
 		cfg:     cfg,
-		keys:    []string{base + "holders", base + "waiters", base + "tickets"},
+		keys:    []string{base + "holders", base + "waiters", base + "tickets", base + "lost"},
 		owner:   owner,
 		args:    []any{base, cfg.Capacity, cfg.Expiry.Milliseconds(), owner},
 		wakeKey: base + "wake:" + owner,

@@ -121,8 +121,10 @@ func startRequest(queueID int64, maxSleepSeconds float64) (int64, *request, cont
 	return nextRequestID, req, ctx, nil
 }
 
-// finish reports the outcome of request id. A lease nobody can receive any more is released.
-func finish(id int64, req *request, lease *core.Lease, value int64) {
+// finish reports the outcome of request id: err when it is not nil, else value. A lease nobody
+// can receive any more is released, and the error of an abandoned request is not stored, since
+// nobody would take it.
+func finish(id int64, req *request, lease *core.Lease, value int64, err error) {
 	requestsMu.Lock()
 	abandoned := req.abandoned
 	if abandoned || lease == nil {
@@ -136,6 +138,9 @@ func finish(id int64, req *request, lease *core.Lease, value int64) {
 	if abandoned {
 		releaseInBackground(lease)
 		return
+	}
+	if err != nil {
+		value = -storeError(err)
 	}
 	if !req.queue.write(id, value) && lease != nil {
 		requestsMu.Lock()
@@ -183,11 +188,7 @@ func SemaphoreAcquire(sem, queueID int64, maxSleepSeconds float64) int64 {
 
 	go func() {
 		lease, err := s.Acquire(ctx, durationFromSeconds(maxSleepSeconds))
-		if err != nil {
-			finish(id, req, nil, -storeError(err))
-			return
-		}
-		finish(id, req, lease, 0)
+		finish(id, req, lease, 0, err)
 	}()
 	return id
 }
@@ -210,20 +211,17 @@ func SemaphoreRelease(id, queueID int64) int64 {
 	}
 	go func() {
 		value := int64(NothingToRelease)
+		var err error
 		if lease != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
-			err := lease.Release(ctx)
+			err = lease.Release(ctx)
 			cancel()
-			switch {
-			case err == nil:
-				value = Released
-			case errors.Is(err, core.ErrLeaseLost):
-				value = LeaseLost
-			default:
-				value = -storeError(err)
+			value = Released
+			if errors.Is(err, core.ErrLeaseLost) {
+				value, err = LeaseLost, nil
 			}
 		}
-		finish(releaseID, req, nil, value)
+		finish(releaseID, req, nil, value, err)
 	}()
 	return releaseID
 }
@@ -245,11 +243,7 @@ func TokenBucketAcquire(bucket, queueID int64, maxSleepSeconds float64) int64 {
 
 	go func() {
 		wait, err := b.Reserve(ctx, durationFromSeconds(maxSleepSeconds))
-		if err != nil {
-			finish(id, req, nil, -storeError(err))
-			return
-		}
-		finish(id, req, nil, wait.Microseconds())
+		finish(id, req, nil, wait.Microseconds(), err)
 	}()
 	return id
 }

@@ -32,7 +32,7 @@ class PrivateRedis:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10) -> None:
-        """Start the server and return once it answers PING."""
+        """Start the server and return once it replies to PING."""
         log = self.folder / "redis.log"
         self._process = subprocess.Popen(
             [
@@ -64,7 +64,7 @@ class PrivateRedis:
             client.close()
 
     def pause(self) -> None:
-        """Freeze the server with SIGSTOP: it keeps its connections but answers nothing."""
+        """Freeze the server with SIGSTOP. It keeps its connections open but sends no reply."""
         assert self._process is not None, "the server is not running"
         self._process.send_signal(signal.SIGSTOP)
 

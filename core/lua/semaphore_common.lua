@@ -3,6 +3,8 @@
 -- KEYS[1]  holders: sorted set of lease tokens, scored by lease deadline (ms of the Redis server clock)
 -- KEYS[2]  waiters: sorted set of waiting tokens, scored by ticket (first come, first served)
 -- KEYS[3]  ticket counter (INCR)
+-- KEYS[4]  lost: sorted set of tokens whose lease expired, scored by the time it was reclaimed,
+--          kept for expiry so that a release can tell an expired lease from one already released
 -- ARGV[1]  prefix of the per-owner keys, inside the limiter's hash tag ("...{sem:NAME}:")
 -- ARGV[2]  capacity
 -- ARGV[3]  expiry in ms: lease length and idle lifetime of every key
@@ -11,7 +13,7 @@
 -- Per-owner keys are built from ARGV[1] and stay in the limiter's cluster slot:
 --   <prefix>alive:<owner>  exists while the owner checks in, so a crashed owner's waiters are skipped
 --   <prefix>wake:<owner>   list onto which a token is pushed when another owner admits it
-local holders, waiters, tickets = KEYS[1], KEYS[2], KEYS[3]
+local holders, waiters, tickets, lost = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix = ARGV[1]
 local capacity = tonumber(ARGV[2])
 local expiry = tonumber(ARGV[3])
@@ -32,7 +34,15 @@ local function owner_of(token)
 end
 
 -- Leases whose deadline has passed belong to holders that stopped renewing (crashed or stalled).
-redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+local expired = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  for _, token in ipairs(expired) do
+    redis.call('ZADD', lost, now, token)
+  end
+  redis.call('ZREMRANGEBYSCORE', lost, '-inf', now - expiry)
+  redis.call('PEXPIRE', lost, ARGV[3])
+end
 
 -- Moves waiters into the holders set in ticket order while there is room. Waiters of a caller
 -- other than this one are told through their owner's wake list; the caller's own are returned,

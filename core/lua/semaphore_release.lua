@@ -3,11 +3,15 @@
 --
 -- ARGV[5]  token to release
 --
--- Returns {released, next deadline, own admitted token...}: released is 1 when the token held a
--- slot, 0 when its lease had already expired or it never held one. Releasing twice is harmless,
--- because tokens are never reused.
+-- Returns {released, next deadline, own admitted token...}: released is 0 when the token's lease
+-- had expired, else 1, also when an earlier run of this release gave the slot back (go-redis sends
+-- a script again after a dropped connection, even when Redis already ran it) or when the token
+-- only waited. Releasing twice is harmless, because tokens are never reused.
 local token = ARGV[5]
 local released = redis.call('ZREM', holders, token)
+if released == 0 and redis.call('ZREM', lost, token) == 0 then
+  released = 1
+end
 redis.call('ZREM', waiters, token)
 local own = admit()
 touch()
