@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from types import TracebackType
 
 from . import _bridge, _url, _validate
@@ -15,6 +16,12 @@ _KEY_PREFIX = "__self-limiters:"
 # Values of the outcome of a release, as the Go bridge reports them.
 _RELEASED = 0
 _LEASE_LOST = 1
+
+
+def _is_whole_task(task: asyncio.Task[object]) -> bool:
+    """Return whether the caller's frame is the task's own coroutine, so that the task ends when
+    the caller returns (a coroutine awaited inside the task runs in a frame of its own)."""
+    return getattr(task.get_coro(), "cr_frame", None) is sys._getframe(1)
 
 
 class Semaphore:
@@ -43,7 +50,9 @@ class Semaphore:
         RedisError: ``redis_url`` is malformed. Connection failures are raised on entry.
     """
 
-    __slots__ = ("_name", "_capacity", "_max_sleep", "_expiry", "_redis_url", "_pool_size", "_handle", "_held")
+    __slots__ = (
+        "_name", "_capacity", "_max_sleep", "_expiry", "_redis_url", "_pool_size", "_handle", "_held", "_handed_over"
+    )
 
     def __init__(
         self,
@@ -65,6 +74,10 @@ class Semaphore:
         # innermost entry, however many tasks share this object. A task's list stays until the
         # task is done, so that its done callback is added once.
         self._held: dict[asyncio.Task[object], list[int]] = {}
+        # Slots entered by a task that ran nothing but __aenter__, as asyncio.wait_for(
+        # semaphore.__aenter__(), timeout) does before Python 3.12: the next exit of a task that
+        # holds nothing of its own releases them, as self-limiters 0.4.0 allowed.
+        self._handed_over: list[int] = []
 
     @property
     def name(self) -> str:
@@ -106,6 +119,9 @@ class Semaphore:
 
         task = asyncio.current_task()
         assert task is not None  # an async with block always runs in a task
+        if _is_whole_task(task):
+            self._handed_over.append(request_id)
+            return
         held = self._held.get(task)
         if held is None:
             held = self._held[task] = []
@@ -135,9 +151,12 @@ class Semaphore:
     ) -> None:
         task = asyncio.current_task()
         held = self._held.get(task) if task is not None else None
-        if not held:
+        if held:
+            request_id = held.pop()
+        elif self._handed_over:
+            request_id = self._handed_over.pop()
+        else:
             raise RuntimeError(f"{self!r} was exited in a task that does not hold it")
-        request_id = held.pop()
 
         # The release goes on in Go when this task is cancelled meanwhile.
         port = _bridge.port()
