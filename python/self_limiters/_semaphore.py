@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from types import TracebackType
+from types import ModuleType, TracebackType
 
-from . import _bridge, _url, _validate
+from . import _bridge, _validate
+from ._limiter import Limiter
 
 logger = logging.getLogger("self_limiters")
-
-_KEY_PREFIX = "__self-limiters:"
 
 # Values of the outcome of a release, as the Go bridge reports them.
 _RELEASED = 0
@@ -24,7 +23,7 @@ def _is_whole_task(task: asyncio.Task[object]) -> bool:
     return getattr(task.get_coro(), "cr_frame", None) is sys._getframe(1)
 
 
-class Semaphore:
+class Semaphore(Limiter):
     """An async context manager that lets at most ``capacity`` holders run at once, across every
     process and host that uses the same ``name`` on the same Redis.
 
@@ -50,9 +49,8 @@ class Semaphore:
         RedisError: ``redis_url`` is malformed. Connection failures are raised on entry.
     """
 
-    __slots__ = (
-        "_name", "_capacity", "_max_sleep", "_expiry", "_redis_url", "_pool_size", "_handle", "_held", "_handed_over"
-    )
+    __slots__ = ("_expiry", "_held", "_handed_over")
+    _KIND = "Semaphore"
 
     def __init__(
         self,
@@ -63,13 +61,8 @@ class Semaphore:
         redis_url: str | None = None,
         connection_pool_size: int | None = None,
     ) -> None:
-        self._name = _validate.check_name(name)
-        self._capacity = _validate.check_count("capacity", capacity)
-        self._max_sleep = _validate.check_max_sleep(max_sleep)
+        super().__init__(name, capacity, max_sleep, redis_url, connection_pool_size, default_pool_size=15)
         self._expiry = 30.0 if expiry is None else _validate.check_duration("expiry", expiry, _validate.MIN_EXPIRY)
-        self._redis_url = _url.check_redis_url(redis_url)
-        self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=15)
-        self._handle = 0
         # Slots held, per task that entered: each exit releases the slot of its own task's
         # innermost entry, however many tasks share this object. A task's list stays until the
         # task is done, so that its done callback is added once.
@@ -80,35 +73,12 @@ class Semaphore:
         self._handed_over: list[int] = []
 
     @property
-    def name(self) -> str:
-        """The name with the ``__self-limiters:`` prefix."""
-        return _KEY_PREFIX + self._name
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def max_sleep(self) -> float:
-        """Seconds to wait for a slot; 0.0 means no limit."""
-        return self._max_sleep
-
-    @property
     def expiry(self) -> float:
         """Lease length in seconds."""
         return self._expiry
 
-    def __repr__(self) -> str:
-        return f"Semaphore instance for queue {self.name}"
-
-    def _open(self) -> int:
-        if not self._handle:
-            self._handle = _bridge.check(
-                _bridge.library().pybridge_OpenSemaphore(
-                    self._redis_url, self._name, self._capacity, self._expiry, self._pool_size
-                )
-            )
-        return self._handle
+    def _open_in_go(self, library: ModuleType) -> int:
+        return library.pybridge_OpenSemaphore(self._redis_url, self._name, self._capacity, self._expiry, self._pool_size)
 
     async def __aenter__(self) -> None:
         port = _bridge.port()

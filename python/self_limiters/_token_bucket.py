@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
+from types import ModuleType, TracebackType
 
-from . import _bridge, _url, _validate
-from ._semaphore import _KEY_PREFIX, logger
+from . import _bridge, _validate
+from ._limiter import Limiter
+from ._semaphore import logger
 
 
-class TokenBucket:
+class TokenBucket(Limiter):
     """An async context manager that lets at most ``capacity`` entries through at once and then
     ``refill_amount`` more every ``refill_frequency`` seconds, across every process and host that
     uses the same ``name`` on the same Redis.
@@ -38,7 +39,8 @@ class TokenBucket:
         RedisError: ``redis_url`` is malformed. Connection failures are raised on entry.
     """
 
-    __slots__ = ("_name", "_capacity", "_refill_frequency", "_refill_amount", "_redis_url", "_max_sleep", "_pool_size", "_handle")
+    __slots__ = ("_refill_frequency", "_refill_amount")
+    _KIND = "Token bucket"
 
     def __init__(
         self,
@@ -50,25 +52,11 @@ class TokenBucket:
         max_sleep: float | None = None,
         connection_pool_size: int | None = None,
     ) -> None:
-        self._name = _validate.check_name(name)
-        self._capacity = _validate.check_count("capacity", capacity)
+        super().__init__(name, capacity, max_sleep, redis_url, connection_pool_size, default_pool_size=30)
         self._refill_frequency = _validate.check_duration(
             "refill_frequency", refill_frequency, _validate.MIN_REFILL_FREQUENCY
         )
         self._refill_amount = _validate.check_count("refill_amount", refill_amount)
-        self._redis_url = _url.check_redis_url(redis_url)
-        self._max_sleep = _validate.check_max_sleep(max_sleep)
-        self._pool_size = _validate.check_count("connection_pool_size", connection_pool_size, default=30)
-        self._handle = 0
-
-    @property
-    def name(self) -> str:
-        """The name with the ``__self-limiters:`` prefix."""
-        return _KEY_PREFIX + self._name
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     @property
     def refill_frequency(self) -> float:
@@ -79,27 +67,10 @@ class TokenBucket:
     def refill_amount(self) -> int:
         return self._refill_amount
 
-    @property
-    def max_sleep(self) -> float:
-        """Longest wait in seconds for a token; 0.0 means no limit."""
-        return self._max_sleep
-
-    def __repr__(self) -> str:
-        return f"Token bucket instance for queue {self.name}"
-
-    def _open(self) -> int:
-        if not self._handle:
-            self._handle = _bridge.check(
-                _bridge.library().pybridge_OpenTokenBucket(
-                    self._redis_url,
-                    self._name,
-                    self._capacity,
-                    self._refill_frequency,
-                    self._refill_amount,
-                    self._pool_size,
-                )
-            )
-        return self._handle
+    def _open_in_go(self, library: ModuleType) -> int:
+        return library.pybridge_OpenTokenBucket(
+            self._redis_url, self._name, self._capacity, self._refill_frequency, self._refill_amount, self._pool_size
+        )
 
     async def __aenter__(self) -> None:
         port = _bridge.port()
