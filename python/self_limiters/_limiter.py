@@ -1,4 +1,4 @@
-"""What both limiters share: the common arguments, their read-only attributes and the Go handle."""
+"""The base class of both limiters: their common arguments, read-only attributes and Go handle."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Limiter:
 
     @property
     def max_sleep(self) -> float:
-        """Longest wait in seconds; 0.0 means no limit."""
+        """Maximum wait in seconds; 0.0 means no limit."""
         return self._max_sleep
 
     def __repr__(self) -> str:
