@@ -30,6 +30,9 @@ const (
 // releaseTimeout bounds a release, which must not wait for a connection forever.
 const releaseTimeout = 30 * time.Second
 
+// releasesInFlight counts the releases running in goroutines, for WaitForReleases.
+var releasesInFlight sync.WaitGroup
+
 type queue struct {
 	mu   sync.Mutex
 	file *os.File
@@ -163,11 +166,31 @@ func releaseInBackground(lease *core.Lease) {
 	if lease == nil {
 		return
 	}
+	releasesInFlight.Add(1)
 	go func() {
+		defer releasesInFlight.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 		defer cancel()
 		_ = lease.Release(ctx) // on failure the lease is no longer renewed and expires
 	}()
+}
+
+// WaitForReleases waits until every release started so far has reached Redis or failed, for at
+// most timeoutSeconds, and reports whether they all did. The Python package calls it at exit,
+// because a release does not keep its caller waiting and would otherwise die with the process,
+// leaving the slot to expire.
+func WaitForReleases(timeoutSeconds float64) bool {
+	done := make(chan struct{})
+	go func() {
+		releasesInFlight.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(durationFromSeconds(max(timeoutSeconds, 0))):
+		return false
+	}
 }
 
 // SemaphoreAcquire starts waiting for a slot of semaphore handle sem and returns the request id,
@@ -209,7 +232,9 @@ func SemaphoreRelease(id, queueID int64) int64 {
 		releaseInBackground(lease)
 		return -storeError(err)
 	}
+	releasesInFlight.Add(1)
 	go func() {
+		defer releasesInFlight.Done()
 		value := int64(NothingToRelease)
 		var err error
 		if lease != nil {

@@ -36,6 +36,11 @@ async def hold_until_told(url: str, name: str, expiry: str) -> None:
             await asyncio.to_thread(sys.stdin.readline)
     except Exception as exc:  # reported to the test, which decides
         error = f"{type(exc).__name__}: {exc}"
+    # The exit does not wait for the release; a lost lease is logged once its outcome arrives.
+    for _ in range(200):
+        if collector.messages:
+            break
+        await asyncio.sleep(0.01)
     print(json.dumps({"warnings": collector.messages, "error": error}), flush=True)
 
 

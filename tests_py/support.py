@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import socket
@@ -102,3 +103,22 @@ def stop_child(child: subprocess.Popen[str]) -> None:
     if child.poll() is None:
         child.kill()
     child.communicate(timeout=10)
+
+
+async def wait_for_warning(caplog: Any, text: str, timeout: float = 5) -> list[str]:
+    """Let the event loop run until a warning containing ``text`` was logged, or ``timeout`` seconds
+    passed, and return the messages of all warnings logged so far.
+
+    A semaphore's exit does not wait for its release, so the release's warnings come once its
+    outcome has arrived.
+    """
+
+    def warnings() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+    await wait_until_async(lambda: _true_when(any(text in message for message in warnings())), timeout, 0.01)
+    return warnings()
+
+
+async def _true_when(value: bool) -> bool:
+    return value

@@ -62,7 +62,12 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def _lease_lost_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "self_limiters" and r.levelno >= logging.WARNING]
+    """Return the lease-lost warnings of the self_limiters logger (not those of failed releases)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "self_limiters" and r.levelno >= logging.WARNING and "had expired" in r.getMessage()
+    ]
 
 
 async def _enter(limiter: Semaphore | TokenBucket) -> None:
@@ -150,7 +155,10 @@ async def _wait_for_queue(url: str, name: str, expected: int) -> None:
         assert await wait_until_async(queued, 10), f"expected {expected} waiters in the Redis queue within 10 s"
 
 
-def test_redis_restart_fails_then_recovers(private_redis: PrivateRedis, name: str) -> None:
+def test_redis_restart_fails_then_recovers(
+    private_redis: PrivateRedis, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="self_limiters")
     url = private_redis.url
     capacity = 2
 
@@ -179,6 +187,15 @@ def test_redis_restart_fails_then_recovers(private_redis: PrivateRedis, name: st
         waiter_error, waiter_end = await waiter
         holder_exits = await asyncio.gather(*holders)
 
+        # The exits return at once; each failed release is logged once its outcome arrives.
+        def failed_releases() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "releasing a slot" in r.getMessage()]
+
+        async def all_releases_failed() -> bool:
+            return len(failed_releases()) >= capacity
+
+        await wait_until_async(all_releases_failed, REFUSED_BOUND + 5)
+
         private_redis.start()
         restarted_at = time.monotonic()
         # The same objects, which kept their connection pools to the old server.
@@ -199,6 +216,7 @@ def test_redis_restart_fails_then_recovers(private_redis: PrivateRedis, name: st
             "bucket": (bucket_error, bucket_end - stopped_at),
             "waiter": (waiter_error, waiter_end - stopped_at),
             "holder_exits": holder_exits,
+            "failed_releases": failed_releases(),
             "semaphore_back": semaphore_back,
             "bucket_back": bucket_back,
             "both_in": both_in,
@@ -216,9 +234,11 @@ def test_redis_restart_fails_then_recovers(private_redis: PrivateRedis, name: st
     error, seconds = outcome["waiter"]  # type: ignore[misc]
     assert isinstance(error, RedisError), f"expected RedisError for the queued waiter, got {error!r}"
     assert seconds < WAITER_BOUND, f"expected the queued waiter to fail within {WAITER_BOUND} s of the stop, took {seconds:.2f} s"
-    for error, seconds in outcome["holder_exits"]:  # type: ignore[attr-defined]
-        assert isinstance(error, RedisError), f"expected RedisError from a holder's exit while Redis was down, got {error!r}"
-        assert seconds < REFUSED_BOUND, f"expected the holder's exit to fail within {REFUSED_BOUND} s, took {seconds:.2f} s"
+    for error, _ in outcome["holder_exits"]:  # type: ignore[attr-defined]
+        assert error is None, f"expected a holder's exit to return while Redis was down, got {error!r}"
+    failed = outcome["failed_releases"]
+    assert len(failed) == capacity, f"expected one warning per failed release, got {failed}"  # type: ignore[arg-type]
+    assert all("refused" in message for message in failed), f"expected the cause in each warning, got {failed}"  # type: ignore[union-attr]
 
     for entry in ("semaphore_back", "bucket_back"):
         seconds, errors = outcome[entry]  # type: ignore[misc]
@@ -312,6 +332,11 @@ def test_script_flush_semaphore_unchanged(
             finally:
                 stop.set()
             flushes = await flusher
+
+            async def released() -> bool:  # the last exits' releases reach Redis in the background
+                return await client.zcard(semaphore_key(name, "holders")) == 0
+
+            await wait_until_async(released, 3)
             return {
                 "failures": [outcome for outcome in outcomes if outcome is not None],
                 "max_inside": max_inside,
@@ -520,7 +545,7 @@ def test_killed_release_no_lease_warning(
     caplog.set_level(logging.WARNING, logger="self_limiters")
     seconds = 3.0
     # The default expiry of 30 s cannot pass during the run, so no lease can really be lost. A
-    # release whose every try is killed raises RedisError and leaves its slot held until expiry,
+    # release whose every try is killed is logged as failed and leaves its slot held until expiry,
     # so the capacity leaves room for such slots.
     semaphore = Semaphore(name, 100, redis_url=private_redis.url)
 
@@ -532,8 +557,6 @@ def test_killed_release_no_lease_warning(
     assert not warnings, f"expected no lease-lost warning with expiry=30s, got {len(warnings)} in {entries} entries: {warnings[0]!r}"
 
 
-# NOTE: this test fails on the current core. go-redis retries the token bucket script after a
-# connection drop even when Redis has run it, so that entry takes two tokens.
 def test_killed_reserve_token_per_entry(private_redis: PrivateRedis, name: str) -> None:
     capacity = 100_000
     # One token every 1000 s: no refill during the run, so the tokens taken are capacity - tokens.

@@ -7,6 +7,8 @@ import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from support import (
     start_child,
     stop_child,
     wait_for_event,
+    wait_for_warning,
     wait_until,
     wait_until_async,
 )
@@ -196,7 +199,7 @@ def test_semaphore_fractional_max_sleep(name: str, redis_url: str, observer: red
     assert waited >= 0.28, f"expected MaxSleepExceededError after about 0.3 s, got it after {waited:.3f} s"
     assert waited < 0.9, f"expected MaxSleepExceededError well before 1 s, got it after {waited:.3f} s"
     assert second_entry < 0.3, f"expected the freed slot to be granted at once, took {second_entry:.3f} s"
-    assert observer.zcard(semaphore_key(name, "holders")) == 0, "expected no slot held after both exits"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, 3), "expected no slot held after both exits"
 
 
 def test_semaphore_tiny_max_sleep_free_slot(name: str, redis_url: str) -> None:
@@ -350,8 +353,8 @@ def test_semaphore_thousand_tasks_default_pool(name: str, redis_url: str, observ
     finished, max_inside = run(scenario(), timeout=120)
     assert finished == 1000, f"expected 1000 tasks to finish, {finished} did"
     assert max_inside == 1, f"expected 1 holder at a time, saw {max_inside}"
-    assert observer.zcard(semaphore_key(name, "holders")) == 0, "expected no slot held at the end"
-    assert observer.zcard(semaphore_key(name, "waiters")) == 0, "expected nobody queued at the end"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, 3), "expected no slot held at the end"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "waiters")) == 0, 3), "expected nobody queued at the end"
 
 
 def test_semaphore_shared_object_many_tasks(
@@ -378,8 +381,18 @@ def test_semaphore_shared_object_many_tasks(
     max_inside = run(scenario())
     assert max_inside <= 3, f"expected at most 3 holders at once, saw {max_inside}"
     assert max_inside == 3, f"expected the capacity 3 to be reached, max was {max_inside}"
-    assert observer.zcard(semaphore_key(name, "holders")) == 0, "expected every slot released"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, 3), "expected every slot released"
     assert not _lease_lost_records(caplog), f"expected no warning, got {[r.getMessage() for r in caplog.records]}"
+
+
+async def zcard_when(client: redis.asyncio.Redis, key: str, expected: int, timeout: float = 3) -> int:
+    """Return the size of sorted set ``key`` once it is ``expected``, or after ``timeout`` seconds."""
+
+    async def reached() -> bool:
+        return await client.zcard(key) == expected
+
+    await wait_until_async(reached, timeout)
+    return await client.zcard(key)
 
 
 def test_semaphore_nested_entries(name: str, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -410,10 +423,11 @@ def test_semaphore_nested_entries(name: str, redis_url: str, caplog: pytest.LogC
             leave_inner.set()
             for event, task in zip(outer_ready, tasks):
                 await wait_for_event(event, task)
-            counts.append(await client.zcard(holders_key))
+            # An exit returns before its release reaches Redis, so the counts are polled.
+            counts.append(await zcard_when(client, holders_key, 2))
             leave_outer.set()
             await asyncio.gather(*tasks)
-            counts.append(await client.zcard(holders_key))
+            counts.append(await zcard_when(client, holders_key, 0))
         return counts
 
     counts = run(scenario())
@@ -449,11 +463,12 @@ def test_semaphore_exit_releases_own_slot(name: str, redis_url: str, caplog: pyt
 
             first_may_exit.set()  # the task that entered first leaves first
             await first
+            await zcard_when(client, holders_key, 1)  # the exit's release reaches Redis
             remaining = await client.zrange(holders_key, 0, -1)
 
             second_may_exit.set()
             await second
-            left = await client.zcard(holders_key)
+            left = await zcard_when(client, holders_key, 0)
         return both, remaining, left
 
     both, remaining, left = run(scenario())
@@ -508,6 +523,47 @@ def test_semaphore_task_ending_inside_block_releases(
     assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, timeout=5), "expected no holder left"
 
 
+_EXIT_AFTER_BLOCK_CHILD = """
+import asyncio, logging, sys
+import redis
+from self_limiters import Semaphore
+
+url, name, expire = sys.argv[1], sys.argv[2], sys.argv[3] == "expire"
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+async def main():
+    async with Semaphore(name, 1, redis_url=url):
+        if expire:  # a deadline in the past, as for a holder stopped longer than its expiry
+            client = redis.Redis.from_url(url)
+            key = "__self-limiters:{sem:" + name + "}:holders"
+            client.zadd(key, {member: 1 for member in client.zrange(key, 0, -1)})
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("expire", [False, True])
+def test_semaphore_release_finished_at_exit(expire: bool, tmp_path: Path, name: str, redis_url: str, observer: redis.Redis) -> None:
+    # The process exits right after its block: the exit hook waits for the release in flight, and
+    # logs the outcome that the closed event loop can no longer read.
+    script = tmp_path / "exit_after_block.py"
+    script.write_text(_EXIT_AFTER_BLOCK_CHILD)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the child must import the installed package
+    done = subprocess.run(
+        [sys.executable, str(script), redis_url, name, "expire" if expire else "keep"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+    assert done.returncode == 0, f"expected exit code 0, got {done.returncode}; stderr:\n{done.stderr}"
+    holders = observer.zcard(semaphore_key(name, "holders"))
+    assert holders == 0, f"expected the slot released by the time the process ended, Redis had {holders} holders"
+    if expire:
+        assert "had expired" in done.stderr, f"expected the lease-lost warning at exit, stderr:\n{done.stderr}"
+    else:
+        assert "WARNING" not in done.stderr, f"expected no warning, stderr:\n{done.stderr}"
+
+
 def test_semaphore_exception_releases_slot(name: str, redis_url: str, observer: redis.Redis) -> None:
     async def scenario() -> None:
         semaphore = Semaphore(name, 1, max_sleep=0.5, redis_url=redis_url)
@@ -518,7 +574,7 @@ def test_semaphore_exception_releases_slot(name: str, redis_url: str, observer: 
             pass
 
     run(scenario())
-    assert observer.zcard(semaphore_key(name, "holders")) == 0, "expected no slot held at the end"
+    assert wait_until(lambda: observer.zcard(semaphore_key(name, "holders")) == 0, 3), "expected no slot held at the end"
 
 
 def test_semaphore_cancelled_waiters_leak_nothing(name: str, redis_url: str, observer: redis.Redis) -> None:
@@ -635,6 +691,7 @@ def test_semaphore_lease_lost_warns(name: str, redis_url: str, caplog: pytest.Lo
                 members = await client.zrange(key, 0, -1)
                 assert len(members) == 1, f"expected one lease in the holders set, got {members}"
                 await client.zadd(key, {members[0]: 1})
+        await wait_for_warning(caplog, "expired")
 
     run(scenario())
     warnings = _lease_lost_records(caplog)

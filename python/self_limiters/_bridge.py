@@ -13,7 +13,9 @@ exactly when an outcome is ready.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
+import logging
 import os
 import struct
 import threading
@@ -21,8 +23,16 @@ from types import ModuleType
 
 from ._errors import ForkedProcessError, error_from_bridge
 
+logger = logging.getLogger("self_limiters")
+
 _RECORD = struct.Struct("<qq")
 _READ_SIZE = _RECORD.size * 4096
+
+# Outcome values of a semaphore release, as the Go bridge reports them.
+_LEASE_LOST = 1
+
+# How long the process waits at exit for releases still in flight, in seconds.
+EXIT_RELEASE_TIMEOUT = 5.0
 
 _library: ModuleType | None = None
 _library_pid = 0
@@ -59,6 +69,7 @@ def library() -> ModuleType:
                 # changes the working directory while it imports.
                 _library_pid = os.getpid()
                 _library = importlib.import_module("self_limiters._slbridge")
+                atexit.register(_finish_releases_at_exit)
     return _library
 
 
@@ -72,7 +83,7 @@ def check(result: int) -> int:
 class LoopPort:
     """The completion pipe of one event loop, and the futures of its requests in flight."""
 
-    __slots__ = ("loop", "queue", "_read_fd", "_futures")
+    __slots__ = ("loop", "queue", "_read_fd", "_futures", "_releases")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         lib = library()
@@ -89,6 +100,8 @@ class LoopPort:
         self.queue = queue
         self._read_fd = read_fd
         self._futures: dict[int, asyncio.Future[int]] = {}
+        # Releases that nobody waits for, by request id: the name and expiry of their semaphore.
+        self._releases: dict[int, tuple[str, float]] = {}
         loop.add_reader(read_fd, self._read_records)
 
     def expect(self, request_id: int) -> asyncio.Future[int]:
@@ -96,6 +109,15 @@ class LoopPort:
         future = self.loop.create_future()
         self._futures[request_id] = future
         return future
+
+    def release(self, acquire_id: int, name: str, expiry: float) -> None:
+        """Start giving back the slot that ``acquire_id`` holds, without waiting for Redis.
+
+        The Go side sends the release at once; its outcome is logged when it arrives, and at
+        interpreter exit the process waits for releases still in flight.
+        """
+        release_id = check(library().pybridge_SemaphoreRelease(acquire_id, self.queue))
+        self._releases[release_id] = (name, expiry)
 
     def forget(self, request_id: int) -> None:
         """Stop waiting for ``request_id``; a record that still arrives for it is dropped."""
@@ -109,12 +131,30 @@ class LoopPort:
                 return
             # Each record is written by one write() of 16 bytes, which a pipe keeps whole, and
             # _READ_SIZE is a multiple of 16, so a read never splits a record.
-            for request_id, value in _RECORD.iter_unpack(data):
-                future = self._futures.pop(request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(value)
+            self._dispatch(data)
             if len(data) < _READ_SIZE:
                 return
+
+    def _dispatch(self, data: bytes) -> None:
+        for request_id, value in _RECORD.iter_unpack(data):
+            release = self._releases.pop(request_id, None)
+            if release is not None:
+                _log_release(release, value)
+                continue
+            future = self._futures.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(value)
+
+    def read_left_over_releases(self) -> None:
+        """Log the outcomes of releases that arrived after the loop stopped, at exit."""
+        while self._releases:
+            try:
+                data = os.read(self._read_fd, _READ_SIZE)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._dispatch(data)
 
     def close(self) -> None:
         """Release the pipe of a loop that was closed."""
@@ -141,6 +181,37 @@ def port() -> LoopPort:
         created = LoopPort(loop)
         _ports[loop] = created
         return created
+
+
+def _log_release(release: tuple[str, float], value: int) -> None:
+    name, expiry = release
+    if value == _LEASE_LOST:
+        logger.warning(
+            "the lease on a slot of %s had expired before its release, so another holder may "
+            "have run at the same time: renewals did not reach Redis within expiry=%gs "
+            "(the process was stopped, or Redis was unreachable)",
+            name,
+            expiry,
+        )
+    elif value < 0:
+        error = error_from_bridge(library().pybridge_TakeError(-value))
+        logger.warning("releasing a slot of %s failed, so it returns to others within expiry=%gs: %s", name, expiry, error)
+    elif logger.isEnabledFor(logging.DEBUG):
+        logger.debug("released a slot of %s", name)
+
+
+def _finish_releases_at_exit() -> None:
+    """Wait for the releases still in flight and log their outcomes (an atexit hook)."""
+    if _forked_after_load:
+        return
+    if not library().pybridge_WaitForReleases(EXIT_RELEASE_TIMEOUT):
+        logger.warning(
+            "releases of semaphore slots were still in flight after %gs at exit; those slots return "
+            "to others within their expiry",
+            EXIT_RELEASE_TIMEOUT,
+        )
+    for port_ in list(_ports.values()):
+        port_.read_left_over_releases()
 
 
 async def wait_for_outcome(port_: LoopPort, request_id: int, cancel_on_exit: bool = True) -> int:

@@ -10,12 +10,7 @@ from types import ModuleType, TracebackType
 from . import _bridge, _validate
 from ._limiter import Limiter
 
-logger = logging.getLogger("self_limiters")
-
-# Values of the outcome of a release, as the Go bridge reports them.
-_RELEASED = 0
-_LEASE_LOST = 1
-
+logger = _bridge.logger
 
 def _is_whole_task(task: asyncio.Task[object]) -> bool:
     """Return whether the caller's frame is the task's own coroutine, so that the task ends when
@@ -128,17 +123,6 @@ class Semaphore(Limiter):
         else:
             raise RuntimeError(f"{self!r} was exited in a task that does not hold it")
 
-        # The release goes on in Go when this task is cancelled meanwhile.
-        port = _bridge.port()
-        release_id = _bridge.check(_bridge.library().pybridge_SemaphoreRelease(request_id, port.queue))
-        outcome = await _bridge.wait_for_outcome(port, release_id, cancel_on_exit=False)
-        if outcome == _LEASE_LOST:
-            logger.warning(
-                "the lease on a slot of %s had expired before its release, so another holder may "
-                "have run at the same time: renewals did not reach Redis within expiry=%gs "
-                "(the process was stopped, or Redis was unreachable)",
-                self.name,
-                self._expiry,
-            )
-        elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug("released a slot of %s", self.name)
+        # The release reaches Redis in the background, so leaving the block costs no round trip;
+        # its outcome is logged when it arrives.
+        _bridge.port().release(request_id, self.name, self._expiry)

@@ -8,7 +8,7 @@ from types import ModuleType, TracebackType
 
 from . import _bridge, _validate
 from ._limiter import Limiter
-from ._semaphore import logger
+from ._bridge import logger
 
 
 class TokenBucket(Limiter):
