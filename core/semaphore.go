@@ -81,11 +81,16 @@ type Semaphore struct {
 	kick        chan struct{} // wakes the keeper when nextCheckIn moved earlier
 }
 
+// waiter is a token that waits for a slot. Exactly one outcome ends it: a slot (wakeUp) or an
+// error (giveUp). Its fields are guarded by Semaphore.mu.
 type waiter struct {
-	lease    *Lease
-	admitted chan struct{} // closed when the token was given a slot; lease is set before
-	requeue  chan struct{} // the token was dropped from the queue and must enqueue again
-	failed   chan error    // a check-in failed, so the state of the token in Redis is unknown
+	ctx       context.Context
+	done      func(*Lease, error)
+	timer     *time.Timer // ends the wait at maxWait; nil without a limit
+	stopCtx   func() bool // stops the context.AfterFunc that ends the wait with ctx
+	enqueuing bool        // an acquire script for the token is in flight
+	ended     bool
+	gaveUp    bool // ended by an error, so the token's slot or place must be given back
 }
 
 // Lease is one held slot of a Semaphore.
@@ -139,58 +144,100 @@ func NewSemaphore(rdb redis.Scripter, cfg SemaphoreConfig) (*Semaphore, error) {
 // After any error the caller holds nothing: a slot granted at the last moment goes to the next
 // waiter. Acquire does not contact Redis when ctx is already done.
 func (s *Semaphore) Acquire(ctx context.Context, maxWait time.Duration) (*Lease, error) {
+	type result struct {
+		lease *Lease
+		err   error
+	}
+	done := make(chan result, 1)
+	s.AcquireFunc(ctx, maxWait, func(lease *Lease, err error) { done <- result{lease, err} })
+	r := <-done
+	return r.lease, r.err
+}
+
+// AcquireFunc is Acquire without a waiting goroutine: it returns at once and calls f exactly once,
+// from another goroutine, with the lease or the error that Acquire would return. A waiter then
+// costs a few hundred bytes instead of a goroutine, so that 10,000 waiters stay small. f must not
+// block for long, since it may run on the goroutine that reads wake-ups.
+func (s *Semaphore) AcquireFunc(ctx context.Context, maxWait time.Duration, f func(*Lease, error)) {
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		go f(nil, err)
+		return
 	}
-	var deadline <-chan time.Time
-	if maxWait > 0 {
-		timer := time.NewTimer(maxWait)
-		defer timer.Stop()
-		deadline = timer.C
-	}
-	token, w := s.addWaiter()
-
-	for {
-		granted, err := s.enqueue(ctx, token)
-		if err != nil {
-			s.abandon(token)
-			return nil, err
-		}
-		if granted {
-			return s.grant(token), nil
-		}
-
-		// A slot granted while ctx ended or the deadline passed is given back by abandon: the
-		// release script frees whichever of slot or queue place the token has.
-		select {
-		case <-w.admitted:
-			return w.lease, nil
-		case <-w.requeue:
-			continue
-		case err := <-w.failed:
-			s.abandon(token)
-			return nil, err
-		case <-deadline:
-			s.abandon(token)
-			return nil, fmt.Errorf("%w: no slot was granted within %v", ErrMaxSleepExceeded, maxWait)
-		case <-ctx.Done():
-			s.abandon(token)
-			return nil, ctx.Err()
-		}
-	}
+	start := time.Now()
+	token, w := s.addWaiter(ctx, f)
+	go s.enqueueWaiter(token, w, start, maxWait)
 }
 
 // addWaiter registers a new token before its acquire script runs, so that a wake-up arriving
 // before the script's reply finds it.
-func (s *Semaphore) addWaiter() (string, *waiter) {
+func (s *Semaphore) addWaiter(ctx context.Context, f func(*Lease, error)) (string, *waiter) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 
 	s.seq++
 	token := s.owner + ":" + strconv.FormatUint(s.seq, 10)
-	w := &waiter{admitted: make(chan struct{}), requeue: make(chan struct{}, 1), failed: make(chan error, 1)}
+	w := &waiter{ctx: ctx, done: f, enqueuing: true}
 	s.waiters[token] = w
+	w.stopCtx = context.AfterFunc(ctx, func() { s.giveUp(token, ctx.Err()) })
 	return token, w
+}
+
+// enqueueWaiter runs the acquire script for a waiter and settles what the reply decides. The
+// maximum wait starts counting once the script has answered, so a free slot is always granted.
+// A waiter that gave up while the script was in flight gives back its slot or queue place only
+// now, after the script, so that the release cannot reach Redis first.
+func (s *Semaphore) enqueueWaiter(token string, w *waiter, start time.Time, maxWait time.Duration) {
+	granted, err := s.enqueue(w.ctx, token)
+
+	s.mu.Lock()
+	w.enqueuing = false
+	gaveUp := w.gaveUp
+	if !w.ended && err == nil && !granted && maxWait > 0 && w.timer == nil {
+		w.timer = time.AfterFunc(max(maxWait-time.Since(start), 0), func() {
+			s.giveUp(token, fmt.Errorf("%w: no slot was granted within %v", ErrMaxSleepExceeded, maxWait))
+		})
+	}
+	s.mu.Unlock()
+
+	switch {
+	case gaveUp:
+		go s.releaseInBackground(token)
+	case err != nil:
+		s.giveUp(token, err)
+	case granted:
+		s.wakeUp(token)
+	}
+}
+
+// giveUp ends the waiter of token with err, unless it has ended already, and gives back its
+// queue place, or its slot if it was admitted at the same moment.
+func (s *Semaphore) giveUp(token string, err error) {
+	s.mu.Lock()
+	w, ok := s.waiters[token]
+	if !ok || w.ended {
+		s.mu.Unlock()
+		return
+	}
+	delete(s.waiters, token)
+	w.end()
+	w.gaveUp = true
+	enqueuing := w.enqueuing
+	s.mu.Unlock()
+
+	if !enqueuing {
+		go s.releaseInBackground(token)
+	}
+	w.done(nil, err)
+}
+
+// end marks the waiter ended and stops what would end it otherwise. The caller holds
+// Semaphore.mu.
+func (w *waiter) end() {
+	w.ended = true
+	w.stopCtx()
+	if w.timer != nil {
+		w.timer.Stop()
+	}
 }
 
 // enqueue runs the acquire script for token and reports whether it holds a slot. When it waits,
@@ -224,29 +271,6 @@ func (s *Semaphore) enqueue(ctx context.Context, token string) (bool, error) {
 	s.mu.Unlock()
 	s.scheduleCheckIn(next)
 	return false, nil
-}
-
-// grant turns the waiting token into a holder after its own acquire script admitted it.
-func (s *Semaphore) grant(token string) *Lease {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-
-	lease := &Lease{sem: s, token: token}
-	delete(s.waiters, token)
-	s.holders[token] = lease
-	s.startKeeper()
-	return lease
-}
-
-// abandon forgets token, whether it waits or was just admitted, and gives back its place in the
-// queue or its slot in the background.
-func (s *Semaphore) abandon(token string) {
-	s.mu.Lock()
-	delete(s.waiters, token)
-	delete(s.holders, token)
-	s.mu.Unlock()
-
-	go s.releaseInBackground(token)
 }
 
 func (s *Semaphore) releaseInBackground(token string) {
@@ -297,32 +321,31 @@ func (s *Semaphore) wakeOwn(op string, tokens []any) error {
 // any more belongs to a waiter that gave up while it was admitted, so its slot is given back.
 func (s *Semaphore) wakeUp(token string) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-
-	if w, ok := s.waiters[token]; ok {
+	if w, ok := s.waiters[token]; ok && !w.ended {
 		delete(s.waiters, token)
-		w.lease = &Lease{sem: s, token: token}
-		s.holders[token] = w.lease
+		w.end()
+		lease := &Lease{sem: s, token: token}
+		s.holders[token] = lease
 		s.startKeeper()
-		close(w.admitted)
+		s.mu.Unlock()
+		w.done(lease, nil)
 		return
 	}
-	if _, ok := s.holders[token]; ok {
-		return
+	_, held := s.holders[token]
+	s.mu.Unlock()
+	if !held {
+		go s.releaseInBackground(token)
 	}
-	go s.releaseInBackground(token)
 }
 
-// requeue asks the waiter of token to enqueue again.
+// requeue enqueues the waiter of token again, unless a script for it is in flight already.
 func (s *Semaphore) requeue(token string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 
-	if w, ok := s.waiters[token]; ok {
-		select {
-		case w.requeue <- struct{}{}:
-		default:
-		}
+	if w, ok := s.waiters[token]; ok && !w.ended && !w.enqueuing {
+		w.enqueuing = true
+		go s.enqueueWaiter(token, w, time.Now(), 0)
 	}
 }
 
@@ -487,16 +510,8 @@ func (s *Semaphore) checkIn(holders, waiters []string) (int64, error) {
 // failWaiters ends the given waiters with err, because their state in Redis cannot be checked:
 // every Redis failure reaches the caller instead of a wait of unknown length.
 func (s *Semaphore) failWaiters(tokens []string, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-
 	for _, token := range tokens {
-		if w, ok := s.waiters[token]; ok {
-			select {
-			case w.failed <- err:
-			default:
-			}
-		}
+		s.giveUp(token, err)
 	}
 }
 

@@ -32,11 +32,12 @@ type clientKey struct {
 	poolSize int64
 }
 
-// clients are the two go-redis clients of one URL and pool size: cmd runs the scripts and wake
-// serves the blocking reads of wake-ups, so waiting never takes a connection from cmd's pool.
+// clients are the go-redis clients of one URL and pool size: scripts runs the scripts through a
+// gate as wide as the pool, and wake serves the blocking reads of wake-ups, so waiting never takes
+// a connection from the scripts' pool.
 type clients struct {
-	cmd  *redis.Client
-	wake *redis.Client
+	scripts *gatedScripter
+	wake    *redis.Client
 }
 
 type semaphoreKey struct {
@@ -83,7 +84,7 @@ func OpenSemaphore(redisURL, name string, capacity int64, expirySeconds float64,
 	if err != nil {
 		return -storeError(err)
 	}
-	sem, err := core.NewSemaphore(c.cmd, core.SemaphoreConfig{
+	sem, err := core.NewSemaphore(c.scripts, core.SemaphoreConfig{
 		Name: name, Capacity: capacity, Expiry: expiry, WakeClient: c.wake,
 	})
 	if err != nil {
@@ -113,7 +114,7 @@ func OpenTokenBucket(redisURL, name string, capacity int64, refillSeconds float6
 	if err != nil {
 		return -storeError(err)
 	}
-	bucket, err := core.NewTokenBucket(c.cmd, core.TokenBucketConfig{
+	bucket, err := core.NewTokenBucket(c.scripts, core.TokenBucketConfig{
 		Name: name, Capacity: capacity, RefillPeriod: period, RefillAmount: refillAmount,
 	})
 	if err != nil {
@@ -150,7 +151,7 @@ func clientsFor(key clientKey) (*clients, error) {
 
 	wakeOpts := *opts
 	wakeOpts.PoolSize = wakePoolSize
-	c := &clients{cmd: redis.NewClient(opts), wake: redis.NewClient(&wakeOpts)}
+	c := &clients{scripts: newGatedScripter(redis.NewClient(opts), key.poolSize), wake: redis.NewClient(&wakeOpts)}
 	clientsByKey[key] = c
 	return c, nil
 }

@@ -209,10 +209,11 @@ func SemaphoreAcquire(sem, queueID int64, maxSleepSeconds float64) int64 {
 		return -storeError(err)
 	}
 
-	go func() {
-		lease, err := s.Acquire(ctx, durationFromSeconds(maxSleepSeconds))
-		finish(id, req, lease, 0, err)
-	}()
+	// No goroutine waits: the semaphore calls back once, and the outcome is written from a
+	// goroutine of its own, since a full pipe must not hold up the semaphore's wake-ups.
+	s.AcquireFunc(ctx, durationFromSeconds(maxSleepSeconds), func(lease *core.Lease, err error) {
+		go finish(id, req, lease, 0, err)
+	})
 	return id
 }
 
