@@ -12,11 +12,11 @@ import (
 // calls that wait for a pooled connection with grown goroutine stacks (tens of MB), and the
 // last ones can fail with a pool timeout. Callers that wait at the gate keep a small stack.
 type gatedScripter struct {
-	client *redis.Client
+	client redis.UniversalClient
 	gate   *semaphore.Weighted
 }
 
-func newGatedScripter(client *redis.Client, calls int64) *gatedScripter {
+func newGatedScripter(client redis.UniversalClient, calls int64) *gatedScripter {
 	return &gatedScripter{client: client, gate: semaphore.NewWeighted(calls)}
 }
 

@@ -1,17 +1,12 @@
 package pybridge
 
 import (
-	"errors"
 	"fmt"
 	"math"
-	"net/url"
-	"regexp"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"github.com/redis/go-redis/v9/maintnotifications"
 
 	"github.com/self-limiters/self-limiters/core"
 )
@@ -37,7 +32,7 @@ type clientKey struct {
 // a connection from the scripts' pool.
 type clients struct {
 	scripts *gatedScripter
-	wake    *redis.Client
+	wake    redis.UniversalClient
 }
 
 type semaphoreKey struct {
@@ -143,78 +138,14 @@ func clientsFor(key clientKey) (*clients, error) {
 	if key.poolSize < 1 {
 		return nil, fmt.Errorf("%w: connection_pool_size must be at least 1, got %d", core.ErrInvalidArgument, key.poolSize)
 	}
-	opts, err := parseURL(key.url)
+	d, err := parseURL(key.url)
 	if err != nil {
 		return nil, err
 	}
-	opts.PoolSize = int(key.poolSize)
-
-	wakeOpts := *opts
-	wakeOpts.PoolSize = wakePoolSize
-	c := &clients{scripts: newGatedScripter(redis.NewClient(opts), key.poolSize), wake: redis.NewClient(&wakeOpts)}
+	c := &clients{
+		scripts: newGatedScripter(d.newClient(int(key.poolSize)), key.poolSize),
+		wake:    d.newClient(wakePoolSize),
+	}
 	clientsByKey[key] = c
 	return c, nil
-}
-
-// parseURL turns a redis://, rediss:// or unix:// URL into client options. Its errors never
-// contain the URL's password.
-func parseURL(raw string) (*redis.Options, error) {
-	err := checkUserInfo(raw)
-	var opts *redis.Options
-	if err == nil {
-		opts, err = redis.ParseURL(raw)
-	}
-	if err != nil {
-		var urlErr *url.Error
-		if errors.As(err, &urlErr) {
-			err = urlErr.Err // url.Error repeats the whole URL, password included
-		}
-		return nil, &core.RedisError{Op: "invalid redis_url " + redactURL(raw), Err: err}
-	}
-
-	if opts.DialTimeout == 0 {
-		opts.DialTimeout = defaultDialTimeout
-	}
-	if opts.ReadTimeout == 0 {
-		opts.ReadTimeout = defaultReadTimeout
-	}
-	if opts.WriteTimeout == 0 {
-		opts.WriteTimeout = defaultWriteTimeout
-	}
-	// CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS are not needed, and an ACL user restricted to
-	// the limiters' commands may not run them.
-	opts.DisableIdentity = true
-	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
-	return opts, nil
-}
-
-// queryPassword matches a password given as a query option.
-var queryPassword = regexp.MustCompile(`(?i)([?&](?:password|pass|pwd)=)[^&#]*`)
-
-// redactURL returns raw with its password, if any, replaced by "xxxxx". The password in the user
-// info is taken to run from the first ':' after the scheme to the last '@', which also hides a
-// password with an unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere. A password
-// given as a query option is hidden too.
-func redactURL(raw string) string {
-	scheme, rest, found := strings.Cut(raw, "://")
-	if !found {
-		return "(not a URL)"
-	}
-	if at := strings.LastIndexByte(rest, '@'); at >= 0 {
-		if user, _, hasPassword := strings.Cut(rest[:at], ":"); hasPassword {
-			raw = scheme + "://" + user + ":xxxxx" + rest[at:]
-		}
-	}
-	return queryPassword.ReplaceAllString(raw, "${1}xxxxx")
-}
-
-// checkUserInfo rejects a URL whose user name or password contains an unescaped '/', '?' or '#':
-// these end the host part early, so part of the password would be read as the port or path.
-func checkUserInfo(raw string) error {
-	_, rest, _ := strings.Cut(raw, "://")
-	authorityEnd := strings.IndexAny(rest, "/?#")
-	if authorityEnd >= 0 && strings.LastIndexByte(rest, '@') > authorityEnd {
-		return errors.New("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
-	}
-	return nil
 }

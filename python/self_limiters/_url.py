@@ -1,7 +1,8 @@
 """Checks and redaction of ``redis_url`` values, done at construction without Go or a connection.
 
-The checks follow the URL parser of go-redis 9.23, which the Go core uses, so that a URL that
-passes here is rejected later only for what needs a server (a wrong password, a missing socket).
+The checks follow the URL parsers of go-redis 9.23, which the Go core uses, so that a URL that
+passes here is rejected later only for what needs a server (a wrong password, a missing socket,
+an unknown master set).
 """
 
 from __future__ import annotations
@@ -13,20 +14,50 @@ from ._errors import RedisError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
-_SCHEMES = ("redis", "rediss", "unix")
+# Each scheme names a deployment: one server (redis, rediss, unix), Redis Cluster or Sentinel.
+_SINGLE, _CLUSTER, _SENTINEL = "single server", "cluster", "sentinel"
+_SCHEMES = {
+    "redis": _SINGLE,
+    "rediss": _SINGLE,
+    "unix": _SINGLE,
+    "redis+cluster": _CLUSTER,
+    "rediss+cluster": _CLUSTER,
+    "redis+sentinel": _SENTINEL,
+    "rediss+sentinel": _SENTINEL,
+}
 
-# Query options of go-redis's URL parser, by the kind of value each takes.
-_INT_OPTIONS = frozenset({
-    "db", "protocol", "max_retries", "min_idle_conns", "max_idle_conns", "max_active_conns",
-    "max_concurrent_dials", "pipeline_pool_size", "pipeline_read_buffer_size", "pipeline_write_buffer_size",
-})
-_DURATION_OPTIONS = frozenset({
-    "min_retry_backoff", "max_retry_backoff", "dial_timeout", "read_timeout", "write_timeout", "pool_timeout",
-    "conn_max_idle_time", "idle_timeout", "conn_max_lifetime", "max_conn_age", "conn_max_lifetime_jitter",
-})
-_BOOL_OPTIONS = frozenset({"pool_fifo"})
-_STRING_OPTIONS = frozenset({"client_name"})
-_TLS_OPTIONS = frozenset({"skip_verify"})  # a bool, read for rediss:// only
+# Query options of go-redis's URL parsers, by the kind of value each takes.
+_COMMON_INT = {"protocol", "max_retries", "min_idle_conns", "max_idle_conns", "max_active_conns",
+               "max_concurrent_dials", "pipeline_pool_size", "pipeline_read_buffer_size", "pipeline_write_buffer_size"}
+_COMMON_DURATION = {"min_retry_backoff", "max_retry_backoff", "dial_timeout", "read_timeout", "write_timeout",
+                    "pool_timeout", "conn_max_idle_time", "conn_max_lifetime", "conn_max_lifetime_jitter"}
+_ROUTING_BOOL = {"route_by_latency", "route_randomly"}
+_OPTIONS: dict[str, dict[str, set[str]]] = {
+    _SINGLE: {
+        "int": _COMMON_INT | {"db"},
+        "duration": _COMMON_DURATION | {"idle_timeout", "max_conn_age"},
+        "bool": {"pool_fifo"},
+        "string": {"client_name"},
+    },
+    _CLUSTER: {
+        "int": _COMMON_INT | {"max_redirects", "dialer_retries"},
+        "duration": _COMMON_DURATION | {"route_by_latency_tolerance", "dialer_retry_timeout"},
+        "bool": {"pool_fifo", "read_only"} | _ROUTING_BOOL,
+        "string": {"client_name"},
+        "address": {"addr"},
+    },
+    _SENTINEL: {
+        "int": _COMMON_INT | {"db", "dialer_retries"},
+        "duration": _COMMON_DURATION | {"route_by_latency_tolerance", "dialer_retry_timeout"},
+        "bool": {"pool_fifo", "replica_only", "use_disconnected_replicas"} | _ROUTING_BOOL,
+        # username and password here are those of the master; the user info is the sentinels'.
+        "string": {"client_name", "master_name", "username", "password"},
+        "address": {"addr"},
+    },
+}
+# TLS options of rediss URLs: redis-py's file names, and go-redis's skip_verify (for tests only).
+_TLS_FILES = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+_TLS_BOOL = {"skip_verify"}
 _REPLACED_OPTIONS = {
     "pool_size": "use the connection_pool_size argument instead",
     "password": "put the password in the user info instead: redis://user:password@host:6379",
@@ -36,8 +67,9 @@ _REPLACED_OPTIONS = {
 # A duration as go-redis reads it: whole seconds, or Go's duration syntax such as 1.5s or 300ms.
 _DURATION = re.compile(r"[+-]?\d+|[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
 _INTEGER = re.compile(r"[+-]?\d+")
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+):\d{1,5}")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|pwd|sentinel_password)=)[^&#]*", re.IGNORECASE)
 
 
 def check_redis_url(value: object) -> str:
@@ -71,9 +103,11 @@ def check_redis_url(value: object) -> str:
         # ValueError's text may repeat parts of the URL, so it is not shown.
         raise invalid("the port must be a number from 0 to 65535") from None
 
-    if parts.scheme not in _SCHEMES:
+    deployment = _SCHEMES.get(parts.scheme)
+    if deployment is None:
         scheme = repr(parts.scheme) if parts.scheme else "no scheme"
-        raise invalid(f"the scheme must be redis://, rediss:// or unix://, got {scheme}")
+        known = ", ".join(f"{name}://" for name in _SCHEMES)
+        raise invalid(f"the scheme must be one of {known}; got {scheme}")
     if parts.scheme == "unix":
         if not parts.path.strip():
             raise invalid("a unix:// URL needs the socket path, as in unix:///run/redis.sock")
@@ -82,35 +116,47 @@ def check_redis_url(value: object) -> str:
             raise invalid("the host is missing, as in redis://127.0.0.1:6379")
         if parts.netloc.endswith(":"):
             raise invalid("the port after ':' is empty")
-        _check_database_path(parts.path, invalid)
-    _check_options(parse_qsl(parts.query, keep_blank_values=True), parts.scheme == "rediss", invalid)
+        _check_database_path(parts.path, deployment, invalid)
+
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    _check_options(options, deployment, parts.scheme.startswith("rediss"), invalid)
+    if deployment == _SENTINEL and not any(name == "master_name" and option for name, option in options):
+        raise invalid("a redis+sentinel:// URL needs master_name=, the name of the master set")
     return value
 
 
-def _check_database_path(path: str, invalid) -> None:
+def _check_database_path(path: str, deployment: str, invalid) -> None:
     segments = [segment for segment in path.split("/") if segment]
+    if deployment == _CLUSTER and segments:
+        raise invalid("a Redis Cluster has only database 0, so the path must be empty")
     if len(segments) > 1:
         raise invalid("the path must be empty or one database number, as in /0")
     if segments and not segments[0].isdigit():
         raise invalid(f"the database number in the path must be a non-negative integer, got {segments[0]!r}")
 
 
-def _check_options(options: list[tuple[str, str]], tls: bool, invalid) -> None:
+def _check_options(options: list[tuple[str, str]], deployment: str, tls: bool, invalid) -> None:
+    kinds = _OPTIONS[deployment]
     for name, option_value in options:
-        if name in _REPLACED_OPTIONS:
+        if name in _REPLACED_OPTIONS and name not in kinds.get("string", ()):
             raise invalid(f"the option {name} is not supported; {_REPLACED_OPTIONS[name]}")
-        if name in _INT_OPTIONS:
+        if name in _TLS_FILES | _TLS_BOOL and not tls:
+            raise invalid(f"the option {name} needs a TLS URL (rediss://)")
+        if name in kinds["int"]:
             valid = bool(_INTEGER.fullmatch(option_value))
-        elif name in _DURATION_OPTIONS:
+        elif name in kinds["duration"]:
             valid = bool(_DURATION.fullmatch(option_value))
-        elif name in _BOOL_OPTIONS or (tls and name in _TLS_OPTIONS):
+        elif name in kinds["bool"] or name in _TLS_BOOL:
             valid = option_value in ("true", "false", "1", "0", "")
-        elif name in _STRING_OPTIONS:
+        elif name in kinds.get("address", ()):
+            valid = bool(_ADDRESS.fullmatch(option_value))
+        elif name in kinds["string"] or name in _TLS_FILES:
             valid = True
         else:
-            raise invalid(f"unknown option {name!r}")
+            raise invalid(f"unknown option {name!r} for a {deployment} URL")
         if not valid:
-            raise invalid(f"the option {name} has an invalid value {option_value!r}")
+            shown = "xxxxx" if name == "password" else repr(option_value)
+            raise invalid(f"the option {name} has an invalid value {shown}")
 
 
 def redact_url(url: str) -> str:

@@ -1,0 +1,244 @@
+package pybridge
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/self-limiters/self-limiters/core"
+)
+
+// Options of a rediss:// URL that go-redis does not read itself: the names follow redis-py's
+// from_url (ssl_ca_certs, ssl_certfile, ssl_keyfile) and go-redis's URLs (skip_verify).
+const (
+	tlsCAFileOption   = "ssl_ca_certs"
+	tlsCertFileOption = "ssl_certfile"
+	tlsKeyFileOption  = "ssl_keyfile"
+	tlsSkipOption     = "skip_verify"
+)
+
+// deployment is a parsed redis_url: how to build the client that runs the scripts and the one
+// that waits for wake-ups, with a given pool size.
+type deployment struct {
+	newClient func(poolSize int) redis.UniversalClient
+}
+
+// parseURL turns redis_url into a deployment. The scheme chooses the client:
+//
+//	redis://, rediss://, unix://          one server (go-redis ParseURL)
+//	redis+cluster://, rediss+cluster://   Redis Cluster, seed nodes as host:port and addr= (ParseClusterURL)
+//	redis+sentinel://, rediss+sentinel:// a Sentinel master set: sentinels as host:port and addr=,
+//	                                      master_name= (ParseFailoverURL)
+//
+// rediss URLs also take ssl_ca_certs, ssl_certfile, ssl_keyfile and skip_verify. Errors never
+// contain the URL's password.
+func parseURL(raw string) (*deployment, error) {
+	d, err := parseDeployment(raw)
+	if err != nil {
+		var urlErr *url.Error
+		if errors.As(err, &urlErr) {
+			err = urlErr.Err // url.Error repeats the whole URL, password included
+		}
+		return nil, &core.RedisError{Op: "invalid redis_url " + redactURL(raw), Err: err}
+	}
+	return d, nil
+}
+
+func parseDeployment(raw string) (*deployment, error) {
+	if err := checkUserInfo(raw); err != nil {
+		return nil, err
+	}
+	scheme, rest, found := strings.Cut(raw, "://")
+	if !found {
+		return nil, errors.New("the URL has no scheme, as in redis://127.0.0.1:6379")
+	}
+	base, kind, _ := strings.Cut(scheme, "+")
+	stripped, tlsOptions, err := takeTLSOptions(base+"://"+rest, base == "rediss")
+	if err != nil {
+		return nil, err
+	}
+
+	switch kind {
+	case "":
+		opts, err := redis.ParseURL(stripped)
+		if err != nil {
+			return nil, err
+		}
+		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+			return nil, err
+		}
+		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
+		opts.DisableIdentity = true
+		opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
+			copied := *opts
+			copied.PoolSize = poolSize
+			return redis.NewClient(&copied)
+		}}, nil
+
+	case "cluster":
+		opts, err := redis.ParseClusterURL(stripped)
+		if err != nil {
+			return nil, err
+		}
+		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+			return nil, err
+		}
+		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
+		opts.DisableIdentity = true
+		opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
+			copied := *opts
+			copied.PoolSize = poolSize // per node, as go-redis counts it
+			return redis.NewClusterClient(&copied)
+		}}, nil
+
+	case "sentinel":
+		opts, err := redis.ParseFailoverURL(stripped)
+		if err != nil {
+			return nil, err
+		}
+		if opts.MasterName == "" {
+			return nil, errors.New("a redis+sentinel:// URL needs master_name=, the name of the master set")
+		}
+		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+			return nil, err
+		}
+		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
+		opts.DisableIdentity = true
+		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
+			copied := *opts
+			copied.PoolSize = poolSize
+			return redis.NewFailoverClient(&copied)
+		}}, nil
+
+	default:
+		return nil, fmt.Errorf("unknown deployment %q in the scheme; use redis+cluster:// or redis+sentinel://", kind)
+	}
+}
+
+// setDefaults sets the timeouts that the URL left unset to this package's defaults.
+func setDefaults(dial, read, write *time.Duration) {
+	for _, setting := range []struct {
+		value        *time.Duration
+		defaultValue time.Duration
+	}{{dial, defaultDialTimeout}, {read, defaultReadTimeout}, {write, defaultWriteTimeout}} {
+		if *setting.value == 0 {
+			*setting.value = setting.defaultValue
+		}
+	}
+}
+
+// tlsFiles are the TLS options of a rediss URL.
+type tlsFiles struct {
+	caFile, certFile, keyFile string
+	skipVerify                bool
+}
+
+// takeTLSOptions removes the TLS options from the query of raw, which go-redis would reject as
+// unknown, and returns them. They are an error on a URL without TLS.
+func takeTLSOptions(raw string, isTLS bool) (string, tlsFiles, error) {
+	var files tlsFiles
+	beforeQuery, query, hasQuery := strings.Cut(raw, "?")
+	if !hasQuery {
+		return raw, files, nil
+	}
+	values, err := url.ParseQuery(query)
+	if err != nil {
+		return "", files, fmt.Errorf("invalid query: %w", err)
+	}
+	for _, name := range []string{tlsCAFileOption, tlsCertFileOption, tlsKeyFileOption, tlsSkipOption} {
+		if !values.Has(name) {
+			continue
+		}
+		if !isTLS {
+			return "", files, fmt.Errorf("the option %s needs a rediss:// URL", name)
+		}
+		value := values.Get(name)
+		values.Del(name)
+		switch name {
+		case tlsCAFileOption:
+			files.caFile = value
+		case tlsCertFileOption:
+			files.certFile = value
+		case tlsKeyFileOption:
+			files.keyFile = value
+		case tlsSkipOption:
+			files.skipVerify = value == "true" || value == "1"
+		}
+	}
+	if (files.certFile == "") != (files.keyFile == "") {
+		return "", files, fmt.Errorf("%s and %s go together: the client certificate and its key", tlsCertFileOption, tlsKeyFileOption)
+	}
+	if len(values) == 0 {
+		return beforeQuery, files, nil
+	}
+	return beforeQuery + "?" + values.Encode(), files, nil
+}
+
+// apply loads the files into config, the TLS configuration that go-redis made for a rediss URL.
+func (f tlsFiles) apply(config *tls.Config) error {
+	if config == nil {
+		return nil
+	}
+	config.InsecureSkipVerify = f.skipVerify
+	if f.caFile != "" {
+		pem, err := os.ReadFile(f.caFile)
+		if err != nil {
+			return fmt.Errorf("cannot read %s: %w", tlsCAFileOption, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("%s %s holds no PEM certificate", tlsCAFileOption, f.caFile)
+		}
+		config.RootCAs = pool
+	}
+	if f.certFile != "" {
+		certificate, err := tls.LoadX509KeyPair(f.certFile, f.keyFile)
+		if err != nil {
+			return fmt.Errorf("cannot load %s and %s: %w", tlsCertFileOption, tlsKeyFileOption, err)
+		}
+		config.Certificates = []tls.Certificate{certificate}
+	}
+	return nil
+}
+
+// queryPassword matches a password given as a query option.
+var queryPassword = regexp.MustCompile(`(?i)([?&](?:password|pass|pwd|sentinel_password)=)[^&#]*`)
+
+// redactURL returns raw with its password, if any, replaced by "xxxxx". The password in the user
+// info is taken to run from the first ':' after the scheme to the last '@', which also hides a
+// password with an unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere. A password
+// given as a query option is hidden too.
+func redactURL(raw string) string {
+	scheme, rest, found := strings.Cut(raw, "://")
+	if !found {
+		return "(not a URL)"
+	}
+	if at := strings.LastIndexByte(rest, '@'); at >= 0 {
+		if user, _, hasPassword := strings.Cut(rest[:at], ":"); hasPassword {
+			raw = scheme + "://" + user + ":xxxxx" + rest[at:]
+		}
+	}
+	return queryPassword.ReplaceAllString(raw, "${1}xxxxx")
+}
+
+// checkUserInfo rejects a URL whose user name or password contains an unescaped '/', '?' or '#':
+// these end the host part early, so part of the password would be read as the port or path.
+func checkUserInfo(raw string) error {
+	_, rest, _ := strings.Cut(raw, "://")
+	authorityEnd := strings.IndexAny(rest, "/?#")
+	if authorityEnd >= 0 && strings.LastIndexByte(rest, '@') > authorityEnd {
+		return errors.New("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
+	}
+	return nil
+}
