@@ -50,45 +50,38 @@ type bucketKey struct {
 	refillAmount int64
 }
 
+// handle is one open limiter, shared by every Python object with the same settings. It is
+// dropped when the last of them is collected, so an application that makes limiters for
+// ever-new names does not accumulate them.
+type handle struct {
+	key     any // semaphoreKey or bucketKey
+	limiter any // *core.Semaphore or *core.TokenBucket
+	opens   int // Python objects that hold the handle
+}
+
 var (
-	limitersMu       sync.Mutex
-	clientsByKey     = make(map[clientKey]*clients)
-	semaphoreHandles = make(map[semaphoreKey]int64)
-	bucketHandles    = make(map[bucketKey]int64)
-	semaphores       = make(map[int64]*core.Semaphore)
-	buckets          = make(map[int64]*core.TokenBucket)
-	nextHandle       int64
+	limitersMu   sync.Mutex
+	clientsByKey = make(map[clientKey]*clients)
+	handlesByKey = make(map[any]int64)
+	handles      = make(map[int64]*handle)
+	nextHandle   int64
 )
 
 // OpenSemaphore returns the handle of the semaphore with these settings, creating it on first
 // use; later calls with the same settings share it, and its connections. It does not contact
-// Redis. On failure it returns the negated id of an error (see TakeError).
+// Redis. Each successful call must be matched by one CloseLimiter. On failure it returns the
+// negated id of an error (see TakeError).
 func OpenSemaphore(redisURL, name string, capacity int64, expirySeconds float64, poolSize int64) int64 {
 	expiry, err := seconds("expiry", expirySeconds)
 	if err != nil {
 		return -storeError(err)
 	}
 	key := semaphoreKey{clientKey{redisURL, poolSize}, name, capacity, expiry}
-
-	limitersMu.Lock()
-	defer limitersMu.Unlock()
-	if handle, ok := semaphoreHandles[key]; ok {
-		return handle
-	}
-	c, err := clientsFor(key.client)
-	if err != nil {
-		return -storeError(err)
-	}
-	sem, err := core.NewSemaphore(c.scripts, core.SemaphoreConfig{
-		Name: name, Capacity: capacity, Expiry: expiry, WakeClient: c.wake,
+	return openHandle(key, func(c *clients) (any, error) {
+		return core.NewSemaphore(c.scripts, core.SemaphoreConfig{
+			Name: name, Capacity: capacity, Expiry: expiry, WakeClient: c.wake,
+		})
 	})
-	if err != nil {
-		return -storeError(err)
-	}
-	nextHandle++
-	semaphoreHandles[key] = nextHandle
-	semaphores[nextHandle] = sem
-	return nextHandle
 }
 
 // OpenTokenBucket returns the handle of the token bucket with these settings, as OpenSemaphore
@@ -99,26 +92,69 @@ func OpenTokenBucket(redisURL, name string, capacity int64, refillSeconds float6
 		return -storeError(err)
 	}
 	key := bucketKey{clientKey{redisURL, poolSize}, name, capacity, period, refillAmount}
+	return openHandle(key, func(c *clients) (any, error) {
+		return core.NewTokenBucket(c.scripts, core.TokenBucketConfig{
+			Name: name, Capacity: capacity, RefillPeriod: period, RefillAmount: refillAmount,
+		})
+	})
+}
 
+// openHandle returns the handle of key, creating its limiter with create on first use.
+func openHandle(key any, create func(*clients) (any, error)) int64 {
 	limitersMu.Lock()
 	defer limitersMu.Unlock()
-	if handle, ok := bucketHandles[key]; ok {
-		return handle
+
+	if id, ok := handlesByKey[key]; ok {
+		handles[id].opens++
+		return id
 	}
-	c, err := clientsFor(key.client)
+	var client clientKey
+	switch k := key.(type) {
+	case semaphoreKey:
+		client = k.client
+	case bucketKey:
+		client = k.client
+	}
+	c, err := clientsFor(client)
 	if err != nil {
 		return -storeError(err)
 	}
-	bucket, err := core.NewTokenBucket(c.scripts, core.TokenBucketConfig{
-		Name: name, Capacity: capacity, RefillPeriod: period, RefillAmount: refillAmount,
-	})
+	limiter, err := create(c)
 	if err != nil {
 		return -storeError(err)
 	}
 	nextHandle++
-	bucketHandles[key] = nextHandle
-	buckets[nextHandle] = bucket
+	handlesByKey[key] = nextHandle
+	handles[nextHandle] = &handle{key: key, limiter: limiter, opens: 1}
 	return nextHandle
+}
+
+// CloseLimiter drops one open of a handle; the last one forgets the limiter. Slots it still holds
+// stay held and renewed until they are released, since their requests refer to the limiter
+// itself. Unknown handles are ignored.
+func CloseLimiter(id int64) {
+	limitersMu.Lock()
+	defer limitersMu.Unlock()
+
+	h, ok := handles[id]
+	if !ok {
+		return
+	}
+	h.opens--
+	if h.opens == 0 {
+		delete(handles, id)
+		delete(handlesByKey, h.key)
+	}
+}
+
+// limiterOf returns the limiter of an open handle, or nil.
+func limiterOf(id int64) any {
+	limitersMu.Lock()
+	defer limitersMu.Unlock()
+	if h, ok := handles[id]; ok {
+		return h.limiter
+	}
+	return nil
 }
 
 // seconds converts a duration in seconds from Python, rejecting values that no time.Duration

@@ -198,9 +198,7 @@ func WaitForReleases(timeoutSeconds float64) bool {
 // is held, or an error: MaxSleepExceededError after maxSleepSeconds (0 waits without limit),
 // RedisError, ValueError.
 func SemaphoreAcquire(sem, queueID int64, maxSleepSeconds float64) int64 {
-	limitersMu.Lock()
-	s := semaphores[sem]
-	limitersMu.Unlock()
+	s, _ := limiterOf(sem).(*core.Semaphore)
 	if s == nil {
 		return -storeError(fmt.Errorf("self_limiters bridge: unknown semaphore handle %d", sem))
 	}
@@ -256,9 +254,7 @@ func SemaphoreRelease(id, queueID int64) int64 {
 // outcome record has the wait in µs until the token exists, or an error: MaxSleepExceededError
 // when the wait would exceed maxSleepSeconds (0 for no limit; nothing is taken then), RedisError.
 func TokenBucketAcquire(bucket, queueID int64, maxSleepSeconds float64) int64 {
-	limitersMu.Lock()
-	b := buckets[bucket]
-	limitersMu.Unlock()
+	b, _ := limiterOf(bucket).(*core.TokenBucket)
 	if b == nil {
 		return -storeError(fmt.Errorf("self_limiters bridge: unknown token bucket handle %d", bucket))
 	}

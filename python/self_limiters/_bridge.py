@@ -73,6 +73,21 @@ def library() -> ModuleType:
     return _library
 
 
+def close_handle(handle: int) -> None:
+    """Drop one open of a Go limiter handle; called when a limiter object is collected.
+
+    It does nothing in a process forked after the library was loaded, where Go cannot run, or
+    once the interpreter is shutting down.
+    """
+    library_ = _library
+    if library_ is None or _forked_after_load:
+        return
+    try:
+        library_.pybridge_CloseLimiter(handle, False)
+    except Exception:  # the interpreter is shutting down; the process ends anyway
+        pass
+
+
 def check(result: int) -> int:
     """Return ``result`` of a Go call, or raise the error whose negated id it is."""
     if result < 0:

@@ -59,3 +59,9 @@ class Limiter:
 
     def _open_in_go(self, library: ModuleType) -> int:
         raise NotImplementedError
+
+    def __del__(self) -> None:
+        # The Go side keeps a limiter per distinct settings while an object holds its handle.
+        handle = getattr(self, "_handle", 0)
+        if handle:
+            _bridge.close_handle(handle)

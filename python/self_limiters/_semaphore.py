@@ -59,8 +59,9 @@ class Semaphore(Limiter):
         super().__init__(name, capacity, max_sleep, redis_url, connection_pool_size, default_pool_size=15)
         self._expiry = 30.0 if expiry is None else _validate.check_duration("expiry", expiry, _validate.MIN_EXPIRY)
         # Slots held, per task that entered: each exit releases the slot of its own task's
-        # innermost entry, however many tasks share this object. A task's list stays until the
-        # task is done, so that its done callback is added once.
+        # innermost entry, however many tasks share this object. A task is listed, with a done
+        # callback, only while it holds a slot, so a long-running task that enters many
+        # semaphores keeps none of them alive.
         self._held: dict[asyncio.Task[object], list[int]] = {}
         # Slots entered by a task that ran nothing but __aenter__, as asyncio.wait_for(
         # semaphore.__aenter__(), timeout) does before Python 3.12: the next exit of a task that
@@ -118,6 +119,9 @@ class Semaphore(Limiter):
         held = self._held.get(task) if task is not None else None
         if held:
             request_id = held.pop()
+            if not held:
+                del self._held[task]  # type: ignore[arg-type]  # held is only found for a task
+                task.remove_done_callback(self._release_abandoned)  # type: ignore[union-attr]
         elif self._handed_over:
             request_id = self._handed_over.pop()
         else:
