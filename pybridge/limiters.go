@@ -147,6 +147,14 @@ func CloseLimiter(id int64) {
 	}
 }
 
+// OpenLimiters returns how many limiters with distinct settings are open, for tests and
+// diagnostics.
+func OpenLimiters() int64 {
+	limitersMu.Lock()
+	defer limitersMu.Unlock()
+	return int64(len(handles))
+}
+
 // limiterOf returns the limiter of an open handle, or nil.
 func limiterOf(id int64) any {
 	limitersMu.Lock()

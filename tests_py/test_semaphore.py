@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -11,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio
 
-from self_limiters import MaxSleepExceededError, Semaphore
+from self_limiters import MaxSleepExceededError, Semaphore, TokenBucket
 from support import (
     read_first_line,
     run,
@@ -562,6 +564,33 @@ def test_semaphore_release_finished_at_exit(expire: bool, tmp_path: Path, name: 
         assert "had expired" in done.stderr, f"expected the lease-lost warning at exit, stderr:\n{done.stderr}"
     else:
         assert "WARNING" not in done.stderr, f"expected no warning, stderr:\n{done.stderr}"
+
+
+def test_limiters_for_fresh_names_freed(name: str, redis_url: str) -> None:
+    # An application may build limiters for ever-new names (one per user or key) in one
+    # long-running task; nothing of them may stay behind once they are dropped.
+    from self_limiters import _bridge
+
+    async def scenario() -> tuple[int, int, int]:
+        async with Semaphore(f"{name}-warm-up", 1, redis_url=redis_url):
+            pass
+        gc.collect()
+        before = _bridge.library().pybridge_OpenLimiters()
+        references = []
+        for index in range(300):
+            semaphore = Semaphore(f"{name}-{index}", 1, redis_url=redis_url)
+            bucket = TokenBucket(f"{name}-{index}", 1, 60.0, 1, redis_url=redis_url)
+            async with semaphore, bucket:
+                pass
+            references += [weakref.ref(semaphore), weakref.ref(bucket)]
+        del semaphore, bucket
+        gc.collect()
+        alive = sum(reference() is not None for reference in references)
+        return before, alive, _bridge.library().pybridge_OpenLimiters()
+
+    before, alive, after = run(scenario())
+    assert alive == 0, f"expected all 600 limiter objects collected once dropped, {alive} are alive"
+    assert after <= before, f"expected the Go limiters of dropped objects closed, {before} open before and {after} after"
 
 
 def test_semaphore_exception_releases_slot(name: str, redis_url: str, observer: redis.Redis) -> None:

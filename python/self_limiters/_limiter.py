@@ -13,7 +13,7 @@ KEY_PREFIX = "__self-limiters:"
 class Limiter:
     """Base of Semaphore and TokenBucket; see those for the arguments."""
 
-    __slots__ = ("_name", "_capacity", "_max_sleep", "_redis_url", "_pool_size", "_handle")
+    __slots__ = ("_name", "_capacity", "_max_sleep", "_redis_url", "_pool_size", "_handle", "__weakref__")
 
     # The start of repr(), as self-limiters 0.4.0 printed it.
     _KIND: ClassVar[str]
