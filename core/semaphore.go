@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
@@ -364,8 +365,14 @@ func (s *Semaphore) readWakeUps() {
 		s.mu.Unlock()
 
 		reply, err := s.wake.BLPop(context.Background(), wakeBlockTimeout, s.wakeKey).Result()
+		var replyErr redis.Error
 		switch {
 		case err == redis.Nil:
+		case errors.As(err, &replyErr):
+			// Redis refused the command (an ACL without BLPOP, for example): retrying cannot
+			// help, and the waiters would never learn that another process admitted them.
+			s.failWaiters(s.waitingTokens(), redisError("semaphore wake-up read", err))
+			time.Sleep(retryDelay)
 		case err != nil:
 			// The connection may have been dropped, or Redis may be gone. A check-in tells
 			// which: waiters go on if it succeeds and fail with its error otherwise.
@@ -505,6 +512,17 @@ func (s *Semaphore) checkIn(holders, waiters []string) (int64, error) {
 		}
 	}
 	return next, nil
+}
+
+// waitingTokens returns the tokens of the waiters of this process.
+func (s *Semaphore) waitingTokens() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tokens := make([]string, 0, len(s.waiters))
+	for token := range s.waiters {
+		tokens = append(tokens, token)
+	}
+	return tokens
 }
 
 // failWaiters ends the given waiters with err, because their state in Redis cannot be checked:
