@@ -1,10 +1,12 @@
 package pybridge
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
@@ -118,7 +120,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
 			copied := *opts
 			copied.PoolSize = poolSize
-			return redis.NewFailoverClient(&copied)
+			client := redis.NewFailoverClient(&copied)
+			client.AddHook(masterNameHook{opts.MasterName})
+			return client
 		}}, nil
 
 	default:
@@ -241,4 +245,25 @@ func checkUserInfo(raw string) error {
 		return errors.New("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
 	}
 	return nil
+}
+
+// masterNameHook replaces go-redis's error for a master set that no sentinel knows, "all
+// sentinels specified in configuration are unreachable: redis: nil" with one line per sentinel,
+// by one that names master_name.
+type masterNameHook struct{ masterName string }
+
+func (h masterNameHook) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := next(ctx, network, addr)
+		if err != nil && errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("no sentinel that answered knows a master set named %q; check master_name", h.masterName)
+		}
+		return conn, err
+	}
+}
+
+func (masterNameHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+
+func (masterNameHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
