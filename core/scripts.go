@@ -5,6 +5,8 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -29,17 +31,65 @@ var (
 	tokenBucketScript      = redis.NewScript(tokenBucketSource)
 )
 
+// While a Cluster slot moves to another node, the old node refuses a script that declares keys
+// it no longer holds all of with TRYAGAIN, before running any of it. A script that it does start
+// fails with a "non local key" error at the first command on a key that has already moved or that
+// the script itself emptied, after the commands before it took effect. Both are retried: the
+// scripts are written so that running one again with the same arguments completes it without
+// doing anything twice (go-redis may also resend a script after a dropped connection). The
+// retries come after tryAgainFirstPause, then twice as long each time up to tryAgainMaxPause, for
+// at most tryAgainBudget: a slot usually moves within a second, and a caller with an earlier
+// deadline stops at its own.
+const (
+	tryAgainFirstPause = 5 * time.Millisecond
+	tryAgainMaxPause   = 200 * time.Millisecond
+	tryAgainBudget     = 10 * time.Second
+)
+
 // runScript runs script with EVALSHA and, after a NOSCRIPT reply (a restarted server, SCRIPT
 // FLUSH, or a Cluster node that never saw it), with EVAL, which also caches it again.
 func runScript(ctx context.Context, rdb redis.Scripter, op string, script *redis.Script, keys []string, args ...any) ([]any, error) {
-	reply, err := script.Run(ctx, rdb, keys, args...).Slice()
-	if err != nil {
+	var giveUp time.Time
+	pause := tryAgainFirstPause
+	for {
+		reply, err := script.Run(ctx, rdb, keys, args...).Slice()
+		if err == nil {
+			return reply, nil
+		}
 		if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
 			return nil, ctxErr // the caller gave up; Redis did not fail
 		}
-		return nil, redisError(op, err)
+		if !slotIsMoving(err) {
+			return nil, redisError(op, err)
+		}
+		if giveUp.IsZero() {
+			giveUp = time.Now().Add(tryAgainBudget)
+		}
+		if time.Now().Add(pause).After(giveUp) {
+			return nil, redisError(op, fmt.Errorf("%w (the Cluster slot was still moving after %s)", err, tryAgainBudget))
+		}
+		timer := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return nil, ctx.Err()
+		case <-timer.C:
+		}
+		pause = min(2*pause, tryAgainMaxPause)
 	}
-	return reply, nil
+}
+
+// slotIsMoving reports whether err is a refusal that ends once the Cluster slot has moved:
+// TRYAGAIN, "non local key", or MOVED and ASK. go-redis follows MOVED and ASK itself, but returns
+// them when it runs out of redirections because the slot changed hands during its own retries.
+func slotIsMoving(err error) bool {
+	var reply redis.Error
+	if !errors.As(err, &reply) {
+		return false
+	}
+	message := reply.Error()
+	return redis.IsTryAgainError(err) || strings.HasPrefix(message, "MOVED ") || strings.HasPrefix(message, "ASK ") ||
+		strings.Contains(message, "non local key")
 }
 
 // replyInt returns reply[i] as an int64, or an error naming op when the script returned

@@ -98,6 +98,10 @@ func parseDeployment(raw string) (*deployment, error) {
 		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
 		opts.DisableIdentity = true
 		opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+		// Every command of the limiters goes to the node of its keys' slot, so the routing
+		// policies, which go-redis reads with COMMAND, are never needed. Without this, an ACL user
+		// refused COMMAND would cost a refused COMMAND round trip before every call.
+		opts.DisableRoutingPolicies = true
 		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
 			copied := *opts
 			copied.PoolSize = poolSize // per node, as go-redis counts it

@@ -19,8 +19,23 @@ KEY_PREFIX = "__self-limiters:"
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 
 
+# Commands that an ACL user needs for both limiters, with the keys ~__self-limiters:* and no
+# channels. EVALSHA runs the scripts and EVAL loads them again after NOSCRIPT. BLPOP reads the
+# wake-ups of waiters. go-redis sends SELECT on each new connection when the URL's database is
+# not 0. Redis 7 checks each command that a script calls against the caller's ACL, so the rest
+# are the commands of core/lua/*.lua. HELLO and AUTH need no grant, because Redis lets every
+# connection run them.
+LIMITER_COMMANDS = (
+    "evalsha", "eval", "blpop", "select",
+    "time", "zadd", "zcard", "zpopmin", "zrange", "zrangebyscore", "zremrangebyscore", "zrem", "zscore",
+    "pttl", "pexpire", "rpush", "incr", "set", "hmget", "hset",
+)
+LIMITER_KEYS = "~__self-limiters:*"
+
+
 def semaphore_key(name: str, suffix: str) -> str:
-    """Return the Redis key of a semaphore: suffix is holders, waiters or tickets."""
+    """Return the Redis key of a semaphore: suffix is holders, waiters, tickets, lost, or "" for
+    the start that every key of the semaphore shares."""
     return f"{KEY_PREFIX}{{sem:{name}}}:{suffix}"
 
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
-from support import bucket_key, read_first_line, run, semaphore_key, stop_child, wait_for_warning
+from support import LIMITER_COMMANDS, LIMITER_KEYS, bucket_key, read_first_line, run, semaphore_key, stop_child, wait_for_warning
 from tls_support import (  # noqa: F401  (fixtures are found by their names in this module)
     Certificates,
     PrivateServer,
@@ -28,19 +28,6 @@ from tls_support import (  # noqa: F401  (fixtures are found by their names in t
     tls_server,
     unix_server,
 )
-
-# Commands that an ACL user needs for both limiters, with the keys ~__self-limiters:* and no
-# channels. EVALSHA runs the scripts and EVAL loads them again after NOSCRIPT. BLPOP reads the
-# wake-ups of waiters. go-redis sends SELECT on each new connection when the URL's database is
-# not 0. Redis 7 checks each command that a script calls against the caller's ACL, so the rest
-# are the commands of core/lua/*.lua. HELLO and AUTH need no grant, because Redis lets every
-# connection run them.
-LIMITER_COMMANDS = (
-    "evalsha", "eval", "blpop", "select",
-    "time", "zadd", "zcard", "zpopmin", "zrange", "zrangebyscore", "zremrangebyscore", "zrem", "zscore",
-    "pttl", "pexpire", "rpush", "incr", "set", "hmget", "hset",
-)
-LIMITER_KEYS = "~__self-limiters:*"
 
 # Commands that, in the scenario of _exercise, only the holder's release runs: ZREM removes its
 # lease, and PTTL and RPUSH admit the waiter of another owner. Without them the entries succeed
