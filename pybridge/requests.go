@@ -251,8 +251,12 @@ func SemaphoreRelease(id, queueID int64) int64 {
 }
 
 // TokenBucketAcquire takes a token of bucket handle bucket and returns the request id. The
-// outcome record has the wait in µs until the token exists, or an error: MaxSleepExceededError
-// when the wait would exceed maxSleepSeconds (0 for no limit; nothing is taken then), RedisError.
+// outcome record has the moment at which the token exists, in µs of CLOCK_MONOTONIC (Python's
+// time.monotonic), or 0 when it exists already; or an error: MaxSleepExceededError when the wait
+// would exceed maxSleepSeconds (0 for no limit; nothing is taken then), RedisError.
+//
+// The moment is the reply's arrival plus the wait that the script computed, so the time that the
+// record and the task that awaits it spend queued on a busy event loop is not added to the wait.
 func TokenBucketAcquire(bucket, queueID int64, maxSleepSeconds float64) int64 {
 	b, _ := limiterOf(bucket).(*core.TokenBucket)
 	if b == nil {
@@ -265,7 +269,11 @@ func TokenBucketAcquire(bucket, queueID int64, maxSleepSeconds float64) int64 {
 
 	go func() {
 		wait, err := b.Reserve(ctx, durationFromSeconds(maxSleepSeconds))
-		finish(id, req, nil, wait.Microseconds(), err)
+		var usableAt int64
+		if err == nil && wait > 0 {
+			usableAt = monotonicMicros() + wait.Microseconds()
+		}
+		finish(id, req, nil, usableAt, err)
 	}()
 	return id
 }

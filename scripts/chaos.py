@@ -16,10 +16,11 @@ window [t, t + T), the grants must not exceed capacity + refill_amount * ceil(T 
 refill_frequency). Entry times alone can break that bound while the bucket keeps it. A task
 enters after its asyncio.sleep, so late and never early, and a late entry followed by a punctual
 one is closer to it than their tokens were. So each task also records the interval in which its
-token became usable: the Redis script ran between the request and the library's debug log
-record of the reply, and the token became usable the reported wait after the script. The bound
-is checked on those intervals, and a second check requires every entry to come no earlier than
-its token (see tightest_window).
+token became usable. The library's debug log record of the reply reports the wait left from
+that record to the token, which it dates from the reply's arrival, so the record's time plus
+the wait is at or after the token; the request's time plus the same wait is at or before it,
+because the Redis script ran after the request. The bound is checked on those intervals, and a
+second check requires every entry to come no earlier than its token (see tightest_window).
 
 NOTE: the intervals compare the clock of the Redis server (TIME, in the scripts) with time.time()
 of the workers, so the token bucket check holds only for a Redis server on this host.
@@ -325,8 +326,8 @@ async def _token_bucket_worker(spec: dict) -> None:
                                 "self_limiters logged no 'took a token ...' debug record for this entry, "
                                 "so the time of its token is unknown; update ReplyRecorder in scripts/chaos.py"
                             ) from None
-                        # The token became usable `wait` after the Redis script ran, and the
-                        # script ran after requested_at and before reply_at.
+                        # The token became usable in [requested_at + wait, reply_at + wait]
+                        # (see the module docstring).
                         grant = f"{requested_at + wait:.6f} {reply_at + wait:.6f} {entered_at:.6f}"
                         await client.rpush(keys.grants, grant)
                 except asyncio.CancelledError:

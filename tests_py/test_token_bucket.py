@@ -88,6 +88,35 @@ def test_token_bucket_refill_amount(name: str, redis_url: str) -> None:
     assert offsets[6] >= 0.55, f"expected the 7th entry at the second refill (0.6 s), offsets {offsets}"
 
 
+def test_token_bucket_wait_ignores_busy_loop(name: str, redis_url: str) -> None:
+    """The wait ends at the moment Redis scheduled, however long the loop was busy meanwhile.
+
+    The second entry's token exists 0.5 s after the first entry. The loop is blocked for 0.4 s
+    while that entry's outcome comes back, and the entry must then sleep only what is left.
+    """
+
+    async def scenario() -> float:
+        bucket = TokenBucket(name, 1, 0.5, 1, redis_url=redis_url)
+        async with bucket:
+            first_entry = time.monotonic()
+
+        async def enter() -> float:
+            async with bucket:
+                return time.monotonic()
+
+        second = asyncio.create_task(enter())
+        await asyncio.sleep(0)  # the second entry sends its request
+        time.sleep(0.4)  # the loop is busy; the outcome arrives meanwhile
+        return await second - first_entry
+
+    entered_after = run(scenario())
+    assert entered_after >= 0.45, f"expected the second entry about 0.5 s after the first, it came after {entered_after:.3f} s"
+    assert entered_after < 0.75, (
+        f"expected the second entry about 0.5 s after the first, not after the 0.4 s that the loop was busy "
+        f"plus a full wait; it came after {entered_after:.3f} s"
+    )
+
+
 def test_token_bucket_cancelled_sleep_keeps_token(name: str, redis_url: str) -> None:
     async def scenario() -> float:
         bucket = TokenBucket(name, 1, 0.4, 1, redis_url=redis_url)

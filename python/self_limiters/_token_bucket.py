@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from types import ModuleType, TracebackType
 
 from . import _bridge, _validate
@@ -77,12 +78,14 @@ class TokenBucket(Limiter):
         request_id = _bridge.check(
             _bridge.library().pybridge_TokenBucketAcquire(self._open(), port.queue, self._max_sleep)
         )
-        wait_micros = await _bridge.wait_for_outcome(port, request_id)
+        # The moment the token exists, on the clock of time.monotonic(), or 0 when it exists now.
+        usable_at_micros = await _bridge.wait_for_outcome(port, request_id)
+        wait = max(usable_at_micros / 1e6 - time.monotonic(), 0.0) if usable_at_micros > 0 else 0.0
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("took a token of %s, usable in %.6fs", self.name, wait_micros / 1e6)
-        if wait_micros > 0:
+            logger.debug("took a token of %s, usable in %.6fs", self.name, wait)
+        if wait > 0:
             # The token stays taken if this sleep is cancelled: it cannot be handed back.
-            await asyncio.sleep(wait_micros / 1e6)
+            await asyncio.sleep(wait)
 
     async def __aexit__(
         self,
