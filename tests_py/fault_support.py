@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
 
-from support import closed_port
+from support import closed_port, start_python
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -96,14 +94,4 @@ HOLDER_SCRIPT = Path(__file__).with_name("fault_child.py")
 
 def start_holder_child(url: str, name: str, expiry: float, cwd: Path) -> subprocess.Popen[str]:
     """Start fault_child.py, which holds a slot until a line arrives on its stdin, with text pipes."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the child must import the installed package
-    return subprocess.Popen(
-        [sys.executable, str(HOLDER_SCRIPT), url, name, str(expiry)],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_python(HOLDER_SCRIPT, url, name, expiry, cwd=cwd)

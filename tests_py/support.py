@@ -92,18 +92,27 @@ async def wait_for_event(event: asyncio.Event, task: asyncio.Task[Any], timeout:
     raise TimeoutError(f"the event was not set within {timeout} s")
 
 
-def start_child(*args: object, cwd: Path) -> subprocess.Popen[str]:
-    """Start child.py with this interpreter in ``cwd``, with its stdout as a text pipe."""
+def start_python(*args: object, cwd: Path) -> subprocess.Popen[str]:
+    """Start this interpreter with ``args`` in ``cwd``, with text pipes for stdin, stdout and stderr.
+
+    PYTHONPATH is dropped, so that the child imports the installed package.
+    """
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the child must import the installed package
+    env.pop("PYTHONPATH", None)
     return subprocess.Popen(
-        [sys.executable, str(CHILD_SCRIPT), *(str(arg) for arg in args)],
+        [sys.executable, *(str(arg) for arg in args)],
         cwd=cwd,
         env=env,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def start_child(*args: object, cwd: Path) -> subprocess.Popen[str]:
+    """Start child.py with ``args`` in ``cwd``, as start_python does."""
+    return start_python(CHILD_SCRIPT, *args, cwd=cwd)
 
 
 def read_first_line(child: subprocess.Popen[str], timeout: float) -> str:
@@ -137,3 +146,36 @@ async def wait_for_warning(caplog: Any, text: str, timeout: float = 5) -> list[s
 
 async def _true_when(value: bool) -> bool:
     return value
+
+
+async def entries_at_once(
+    name: str, capacity: int, url: str, attempts: int, while_held: Callable[[], Awaitable[object]] | None = None
+) -> tuple[int, int]:
+    """Try ``attempts`` entries of semaphore ``name`` at the same time with max_sleep=0.5, each
+    holding its slot for 1 s, and return (entries that succeeded, entries that raised
+    MaxSleepExceededError). Any other outcome fails the test.
+
+    ``while_held`` runs once every attempt has entered or given up, before the slots are released.
+    """
+    from self_limiters import MaxSleepExceededError, Semaphore
+
+    release = asyncio.Event()
+    entered = 0
+
+    async def attempt() -> None:
+        nonlocal entered
+        async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
+            entered += 1
+            await release.wait()
+
+    tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
+    try:
+        await asyncio.sleep(1.0)  # every attempt has entered or given up after 0.5 s by now
+        if while_held is not None:
+            await while_held()
+    finally:
+        release.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    unexpected = [outcome for outcome in outcomes if outcome is not None and not isinstance(outcome, MaxSleepExceededError)]
+    assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
+    return entered, sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)

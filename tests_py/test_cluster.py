@@ -11,9 +11,6 @@ lives.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -27,15 +24,17 @@ from cluster_support import (  # noqa: F401 (redis_cluster is a fixture)
     key_slot,
     redis_cluster,
 )
-from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
+from self_limiters import RedisError, Semaphore, TokenBucket
 from support import (
     KEY_PREFIX,
     LIMITER_COMMANDS,
     LIMITER_KEYS,
     bucket_key,
+    entries_at_once,
     read_first_line,
     run,
     semaphore_key,
+    start_python,
     stop_child,
     wait_for_event,
     wait_until,
@@ -93,21 +92,6 @@ def names(redis_cluster: RedisClusterServers) -> list[str]:
             chosen.append(name)
             per_master[port] += 1
     return chosen
-
-
-def start_script(code: str, *args: str, cwd: Path) -> subprocess.Popen[str]:
-    """Start ``python -c code args`` with text pipes for stdin and stdout."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the child must import the installed package
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def test_names_span_masters(redis_cluster: RedisClusterServers, names: list[str]) -> None:
@@ -307,12 +291,12 @@ def test_wake_across_processes(redis_cluster: RedisClusterServers, name: str, tm
     """A release in one process wakes the waiter of another at once, not at its next check-in."""
     expiry = 30  # waiters check in every expiry/3 = 10 s
     waiters_key = semaphore_key(name, "") + "waiters"
-    holder = start_script(HOLDER_CODE, redis_cluster.url(0), name, cwd=tmp_path)
+    holder = start_python("-c", HOLDER_CODE, redis_cluster.url(0), name, cwd=tmp_path)
     waiter = None
     try:
         line = read_first_line(holder, 30)
         assert line.strip() == "holding", f"expected the holder to print 'holding', got {line!r}"
-        waiter = start_script(WAITER_CODE, redis_cluster.url(1), name, cwd=tmp_path)
+        waiter = start_python("-c", WAITER_CODE, redis_cluster.url(1), name, cwd=tmp_path)
         line = read_first_line(waiter, 30)
         assert line.strip() == "waiting", f"expected the waiter to print 'waiting', got {line!r}"
         with redis_cluster.client() as observer:
@@ -432,29 +416,6 @@ def migrate_busy_semaphore(redis_cluster: RedisClusterServers, name: str, other_
     finally:
         stop_child(mover)
     return outcome
-
-
-async def entries_at_once(name: str, capacity: int, url: str, attempts: int) -> tuple[int, int]:
-    """Try ``attempts`` entries at once with max_sleep=0.5, holding every slot obtained for 1 s.
-
-    Returns the entries that succeeded and those that raised MaxSleepExceededError.
-    """
-    release = asyncio.Event()
-    entered = 0
-
-    async def attempt() -> None:
-        nonlocal entered
-        async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
-            entered += 1
-            await release.wait()
-
-    tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
-    await asyncio.sleep(1.0)  # every attempt has entered or given up after 0.5 s by now
-    release.set()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    unexpected = [outcome for outcome in outcomes if outcome is not None and not isinstance(outcome, MaxSleepExceededError)]
-    assert not unexpected, f"expected only entries or MaxSleepExceededError after the migration, got {unexpected}"
-    return entered, sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
 
 
 def check_migration(outcome: MigrationRun, redis_cluster: RedisClusterServers, name: str, capacity: int = 3) -> None:

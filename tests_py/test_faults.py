@@ -23,7 +23,7 @@ import redis.asyncio
 
 from fault_support import PrivateRedis, start_holder_child
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
-from support import bucket_key, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until_async
+from support import bucket_key, entries_at_once, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until_async
 
 # Timeouts set in pybridge/limiters.go, and the retry defaults of go-redis v9.23 (options.go):
 # each command is tried once and retried up to 3 times, with a backoff of at most 1 s before each
@@ -120,30 +120,6 @@ async def _first_entry_after(
         errors.append(error)
         await asyncio.sleep(0.05)
     return None, errors
-
-
-async def _entries_at_once(name: str, capacity: int, url: str, attempts: int) -> tuple[int, int]:
-    """Try ``attempts`` entries at the same time with max_sleep=0.5, each holding its slot.
-
-    Returns (entries that succeeded, entries that raised MaxSleepExceededError).
-    """
-    release = asyncio.Event()
-    entered = 0
-
-    async def attempt() -> None:
-        nonlocal entered
-        async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
-            entered += 1
-            await release.wait()
-
-    tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
-    await asyncio.sleep(1.0)  # every attempt has entered or given up after 0.5 s by now
-    release.set()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    unexpected = [o for o in outcomes if o is not None and not isinstance(o, MaxSleepExceededError)]
-    assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
-    timed_out = sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
-    return entered, timed_out
 
 
 async def _wait_for_queue(url: str, name: str, expected: int) -> None:
@@ -475,7 +451,7 @@ def test_client_kill_waiters_keep_slots(private_redis: PrivateRedis, name: str) 
                 return await client.zcard(semaphore_key(name, "holders")) == 0
 
             released = await wait_until_async(all_released, 5)
-            entered, timed_out = await _entries_at_once(name, capacity, url, capacity + 1)
+            entered, timed_out = await entries_at_once(name, capacity, url, capacity + 1)
         return {
             "commands_before": commands_before,
             "killed": killed,
@@ -678,7 +654,7 @@ def test_data_loss_holders_warn(
 
         release.set()
         holder_exits = await asyncio.gather(*holders)
-        entered_at_once, timed_out = await _entries_at_once(name, capacity, url, capacity + 1)
+        entered_at_once, timed_out = await entries_at_once(name, capacity, url, capacity + 1)
         return {
             "waiter_error": waiter_error,
             "waiter_after": waiter_end - lost_at,

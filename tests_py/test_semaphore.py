@@ -21,6 +21,7 @@ import redis.asyncio
 
 from self_limiters import MaxSleepExceededError, Semaphore, TokenBucket
 from support import (
+    entries_at_once,
     read_first_line,
     run,
     semaphore_key,
@@ -35,30 +36,6 @@ from support import (
 
 def _lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "self_limiters" and r.levelno >= logging.WARNING]
-
-
-async def _entries_at_once(name: str, capacity: int, url: str, attempts: int) -> tuple[int, int]:
-    """Try ``attempts`` entries at the same time with max_sleep=0.5 and hold every slot obtained.
-
-    Returns (entries that succeeded, entries that timed out with MaxSleepExceededError).
-    """
-    release = asyncio.Event()
-    entered = 0
-
-    async def attempt() -> None:
-        nonlocal entered
-        async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
-            entered += 1
-            await release.wait()
-
-    tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
-    await asyncio.sleep(1.0)  # every attempt has either entered or given up after 0.5 s by now
-    release.set()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    timed_out = sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
-    unexpected = [o for o in outcomes if o is not None and not isinstance(o, MaxSleepExceededError)]
-    assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
-    return entered, timed_out
 
 
 def test_semaphore_capacity_across_processes(tmp_path: Path, name: str, redis_url: str, observer: redis.Redis) -> None:
@@ -646,7 +623,7 @@ def test_semaphore_cancelled_waiters_leak_nothing(name: str, redis_url: str, obs
 
         release.set()
         await asyncio.gather(*holders)
-        return outcomes, emptied, await _entries_at_once(name, capacity, redis_url, capacity + 1)
+        return outcomes, emptied, await entries_at_once(name, capacity, redis_url, capacity + 1)
 
     outcomes, emptied, (entered, timed_out) = run(scenario())
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), f"expected 5 CancelledError, got {outcomes}"
@@ -696,7 +673,7 @@ def test_semaphore_cancel_storm_leaks_nothing(
                 return held == 0 and queued == 0
 
             assert await wait_until_async(nothing_held, 5), "expected every slot and queue place given back"
-        return max_inside, sum(isinstance(o, asyncio.CancelledError) for o in outcomes), await _entries_at_once(
+        return max_inside, sum(isinstance(o, asyncio.CancelledError) for o in outcomes), await entries_at_once(
             name, capacity, redis_url, capacity + 1
         )
 

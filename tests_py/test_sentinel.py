@@ -21,7 +21,7 @@ import redis
 from fault_support import start_holder_child
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
 from sentinel_support import DOWN_AFTER, FAILOVER_TIMEOUT, MASTER_NAME, SentinelDeployment
-from support import closed_port, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
+from support import closed_port, entries_at_once, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
 
 # Client timeouts of pybridge/limiters.go. A call to a closed port fails after go-redis's retries,
 # which the README measured at 1.7 s on Redis 7.0. The dial timeout bounds it, with room for load.
@@ -67,23 +67,13 @@ def test_semaphore_capacity(deployment: SentinelDeployment, master: redis.Redis,
     url = deployment.url()
 
     async def scenario() -> tuple[int, int, int]:
-        release = asyncio.Event()
-        entered = 0
+        holders_on_master = 0
 
-        async def attempt() -> None:
-            nonlocal entered
-            async with Semaphore(name, capacity, max_sleep=0.5, redis_url=url):
-                entered += 1
-                await release.wait()
+        async def count_holders() -> None:
+            nonlocal holders_on_master
+            holders_on_master = await asyncio.to_thread(master.zcard, semaphore_key(name, "holders"))
 
-        tasks = [asyncio.create_task(attempt()) for _ in range(attempts)]
-        await asyncio.sleep(1.0)  # every attempt has entered or given up after 0.5 s by now
-        holders_on_master = await asyncio.to_thread(master.zcard, semaphore_key(name, "holders"))
-        release.set()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        unexpected = [o for o in outcomes if o is not None and not isinstance(o, MaxSleepExceededError)]
-        assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
-        timed_out = sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
+        entered, timed_out = await entries_at_once(name, capacity, url, attempts, while_held=count_holders)
         return entered, timed_out, holders_on_master
 
     entered, timed_out, holders_on_master = run(scenario())

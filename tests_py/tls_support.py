@@ -12,7 +12,6 @@ and then prints "released".
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from support import closed_port
+from support import closed_port, start_python
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 OPENSSL = "/usr/bin/openssl"
@@ -276,17 +275,7 @@ def acl_server() -> Iterator[tuple[PrivateServer, int]]:
 
 def start_holder(url: str, name: str, capacity: int, expiry: float, cwd: Path) -> subprocess.Popen[str]:
     """Start this file as a child that holds a semaphore slot until a line arrives on its stdin."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the child must import the installed package
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__)), "hold", url, name, str(capacity), str(expiry)],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_python(Path(__file__), "hold", url, name, capacity, expiry, cwd=cwd)
 
 
 async def _hold_until_stdin_line(url: str, name: str, capacity: str, expiry: str) -> None:
