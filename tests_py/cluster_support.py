@@ -24,9 +24,8 @@ import redis.asyncio.cluster
 import redis.crc
 from redis.cluster import ClusterNode, RedisCluster
 
-from support import KEY_PREFIX
+from support import KEY_PREFIX, start_redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 HOST = "127.0.0.1"
 MASTERS = 3
@@ -196,20 +195,8 @@ class RedisClusterServers:
 
 
 def _start_node(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port", str(port),
-            "--bind", HOST,
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(folder),
-            "--logfile", str(folder / "redis.log"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return start_redis_server(
+        folder, "--port", str(port), "--bind", HOST, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
     )
 
 

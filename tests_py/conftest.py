@@ -7,7 +7,6 @@ on a free loopback port, without persistence, in its own temporary folder, stopp
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -17,28 +16,15 @@ from typing import Iterator
 import pytest
 import redis
 
-from support import closed_port
+from support import closed_port, start_redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def _start_private_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = closed_port()
     while port == 6379:  # never the default port, which another server may own
         port = closed_port()
-    server = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(folder),
-            "--logfile", str(folder / "redis.log"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_redis_server(folder, "--port", str(port), "--bind", "127.0.0.1")
     url = f"redis://127.0.0.1:{port}"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import redis
 
-from support import closed_port, start_python
+from support import closed_port, start_python, start_redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class PrivateRedis:
@@ -32,19 +30,7 @@ class PrivateRedis:
     def start(self, timeout: float = 10) -> None:
         """Start the server and return once it replies to PING."""
         log = self.folder / "redis.log"
-        self._process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.folder),
-                "--logfile", str(log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self._process = start_redis_server(self.folder, "--port", str(self.port), "--bind", "127.0.0.1")
         client = self.client()
         deadline = time.monotonic() + timeout
         try:

@@ -7,7 +7,6 @@ the master and see the replica and each other; ``stop`` ends every node that sti
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import redis
 
-from support import closed_port
+from support import REDIS_SERVER, closed_port, start_redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 MASTER_NAME = "sl-master"
 QUORUM = 2
@@ -120,10 +118,6 @@ class SentinelDeployment:
             parts.append(f"--- {role} ---\n{text}")
         return "\n".join(parts)
 
-    def _spawn(self, role: str, arguments: list[str]) -> None:
-        self._processes[role] = subprocess.Popen(
-            [REDIS_SERVER, *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
 
     def _node_folder(self, role: str) -> Path:
         folder = self.folder / role
@@ -132,18 +126,7 @@ class SentinelDeployment:
 
     def _start_data_node(self, role: str, port: int, extra: list[str]) -> None:
         folder = self._node_folder(role)
-        self._spawn(
-            role,
-            [
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(folder),
-                "--logfile", str(folder / "redis.log"),
-                *extra,
-            ],
-        )
+        self._processes[role] = start_redis_server(folder, "--port", str(port), "--bind", "127.0.0.1", *extra)
 
     def _start_sentinel(self, index: int, port: int) -> None:
         role = f"sentinel-{index}"
@@ -164,7 +147,9 @@ class SentinelDeployment:
                 ]
             )
         )
-        self._spawn(role, [str(config), "--sentinel"])
+        self._processes[role] = subprocess.Popen(
+            [REDIS_SERVER, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     def _client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5)

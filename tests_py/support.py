@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 T = TypeVar("T")
 
 KEY_PREFIX = "__self-limiters:"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 
 
@@ -90,6 +92,18 @@ async def wait_for_event(event: asyncio.Event, task: asyncio.Task[Any], timeout:
         task.result()  # raises the task's exception, if any
         raise AssertionError("the task ended without setting the event")
     raise TimeoutError(f"the event was not set within {timeout} s")
+
+
+def start_redis_server(folder: Path, *options: str) -> subprocess.Popen[bytes]:
+    """Start redis-server with ``options`` (such as --port and --bind) and without persistence.
+
+    Its files and its log, redis.log, go to ``folder``.
+    """
+    return subprocess.Popen(
+        [REDIS_SERVER, *options, "--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", str(folder / "redis.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_python(*args: object, cwd: Path) -> subprocess.Popen[str]:

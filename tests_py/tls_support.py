@@ -24,9 +24,8 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from support import closed_port, start_python
+from support import closed_port, start_python, start_redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 OPENSSL = "/usr/bin/openssl"
 ADMIN_PASSWORD = "admin-secret"
 
@@ -116,17 +115,7 @@ class PrivateServer:
         self.folder = folder
         self.log = folder / "redis.log"
         self._admin = admin
-        self._process = subprocess.Popen(
-            [
-                REDIS_SERVER, *listen_args,
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(folder),
-                "--logfile", str(self.log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self._process = start_redis_server(folder, *listen_args)
         try:
             self._wait_ready(timeout=10)
         except BaseException:
