@@ -34,10 +34,11 @@ var (
 // While a Cluster slot moves to another node, the old node refuses a script that declares keys
 // it no longer holds all of with TRYAGAIN, before running any of it. A script that it does start
 // fails with a "non local key" error at the first command on a key that has already moved or that
-// the script itself emptied, after the commands before it took effect. Both are retried: the
-// scripts are written so that running one again with the same arguments completes it without
-// doing anything twice (go-redis may also resend a script after a dropped connection). The
-// retries come after tryAgainFirstPause, then twice as long each time up to tryAgainMaxPause, for
+// the script itself emptied, after the commands before it took effect. Both are retried. The
+// semaphore scripts are written so that running one again with the same arguments completes it
+// without doing anything twice (go-redis may also resend a script after a dropped connection).
+// The token bucket script uses only its one declared key, so a node refuses it before it runs
+// or runs all of it. The retries come after tryAgainFirstPause, then twice as long each time up to tryAgainMaxPause, for
 // at most tryAgainBudget: a slot usually moves within a second, and a caller with an earlier
 // deadline stops at its own.
 const (
