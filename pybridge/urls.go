@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -50,7 +51,7 @@ func parseURL(raw string) (*deployment, error) {
 		if errors.As(err, &urlErr) {
 			err = urlErr.Err // url.Error repeats the whole URL, password included
 		}
-		return nil, &core.RedisError{Op: "invalid redis_url " + redactURL(raw), Err: err}
+		return nil, &core.RedisError{Op: "invalid redis_url " + redactURL(raw), Err: errors.New(hideSecrets(err.Error(), raw))}
 	}
 	return d, nil
 }
@@ -92,6 +93,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := checkAddresses(opts.Addrs); err != nil {
+			return nil, err
+		}
 		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
 			return nil, err
 		}
@@ -113,6 +117,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := checkAddresses(opts.SentinelAddrs); err != nil {
+			return nil, err
+		}
 		if opts.MasterName == "" {
 			return nil, errors.New("a redis+sentinel:// URL needs master_name=, the name of the master set")
 		}
@@ -132,6 +139,21 @@ func parseDeployment(raw string) (*deployment, error) {
 	default:
 		return nil, fmt.Errorf("unknown deployment %q in the scheme; use redis+cluster:// or redis+sentinel://", kind)
 	}
+}
+
+// checkAddresses rejects a node address whose port go-redis accepts but cannot dial: 0, or above
+// 65535.
+func checkAddresses(addrs []string) error {
+	for _, addr := range addrs {
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return fmt.Errorf("the node address %q is not host:port", addr)
+		}
+		if number, err := strconv.Atoi(port); err != nil || number < 1 || number > 65535 {
+			return fmt.Errorf("the node address %q needs a port from 1 to 65535", addr)
+		}
+	}
+	return nil
 }
 
 // setDefaults sets the timeouts that the URL left unset to this package's defaults.
@@ -220,32 +242,83 @@ func (f tlsFiles) apply(config *tls.Config) error {
 	return nil
 }
 
-// queryPassword matches a password given as a query option.
-var queryPassword = regexp.MustCompile(`(?i)([?&](?:password|pass|pwd|sentinel_password)=)[^&#]*`)
+// Passwords in the query: an option that is a password, and an option value with user info of
+// its own, such as addr=user:password@host. The password is submatch 2.
+var (
+	queryPassword = regexp.MustCompile(`(?i)([?&](?:password|pass|pwd|sentinel_password)=)([^&#]*)`)
+	queryUserInfo = regexp.MustCompile(`([?&][^=&#]*=[^:&#@]*:)([^&#]*)@`)
+)
 
-// redactURL returns raw with its password, if any, replaced by "xxxxx". The password in the user
-// info is taken to run from the first ':' after the scheme to the last '@', which also hides a
-// password with an unescaped '/', '?', '#' or '@' that url.Parse would split elsewhere. A password
-// given as a query option is hidden too.
+// redactURL returns raw with its passwords, if any, replaced by "xxxxx": the password of the
+// user info (see userInfoPassword), passwords given as query options, and those in the user info
+// of an option such as addr=.
 func redactURL(raw string) string {
 	scheme, rest, found := strings.Cut(raw, "://")
 	if !found {
 		return "(not a URL)"
 	}
-	if at := strings.LastIndexByte(rest, '@'); at >= 0 {
-		if user, _, hasPassword := strings.Cut(rest[:at], ":"); hasPassword {
-			raw = scheme + "://" + user + ":xxxxx" + rest[at:]
+	if start, end, ok := userInfoPassword(rest); ok {
+		rest = rest[:start] + "xxxxx" + rest[end:]
+	}
+	redacted := queryPassword.ReplaceAllString(scheme+"://"+rest, "${1}xxxxx")
+	return queryUserInfo.ReplaceAllString(redacted, "${1}xxxxx@")
+}
+
+// userInfoEnd returns the index of the '@' that ends the user info of rest, a URL without its
+// scheme, or -1 when it has none. That '@' is the last one before the query. When no '@' comes
+// before the first '?' or '#', an unescaped '?' or '#' in the password cut it short, and the first
+// '@' after it ends the user info, unless an '=' shows that the '@' belongs to a query option
+// such as addr=.
+func userInfoEnd(rest string) int {
+	cut := strings.IndexAny(rest+"?", "?#")
+	if at := strings.LastIndexByte(rest[:cut], '@'); at >= 0 {
+		return at
+	}
+	at := strings.IndexByte(rest[cut:], '@')
+	if at < 0 || strings.Contains(rest[cut:cut+at], "=") {
+		return -1
+	}
+	return cut + at
+}
+
+// userInfoPassword returns where the password of the user info lies in rest, a URL without its
+// scheme: from the first ':' to the end of the user info.
+func userInfoPassword(rest string) (start, end int, ok bool) {
+	end = userInfoEnd(rest)
+	start = strings.IndexByte(rest[:max(end, 0)], ':')
+	if end < 0 || start < 0 {
+		return 0, 0, false
+	}
+	return start + 1, end, true
+}
+
+// hideSecrets returns message with every password of raw replaced by "xxxxx". go-redis's URL
+// parsers may quote an option's value in their errors.
+func hideSecrets(message, raw string) string {
+	var secrets []string
+	if _, rest, found := strings.Cut(raw, "://"); found {
+		if start, end, ok := userInfoPassword(rest); ok {
+			secrets = append(secrets, rest[start:end])
 		}
 	}
-	return queryPassword.ReplaceAllString(raw, "${1}xxxxx")
+	for _, pattern := range []*regexp.Regexp{queryPassword, queryUserInfo} {
+		for _, match := range pattern.FindAllStringSubmatch(raw, -1) {
+			secrets = append(secrets, match[2])
+		}
+	}
+	for _, secret := range secrets {
+		if secret != "" {
+			message = strings.ReplaceAll(message, secret, "xxxxx")
+		}
+	}
+	return message
 }
 
 // checkUserInfo rejects a URL whose user name or password contains an unescaped '/', '?' or '#':
 // these end the host part early, so part of the password would be read as the port or path.
 func checkUserInfo(raw string) error {
 	_, rest, _ := strings.Cut(raw, "://")
-	authorityEnd := strings.IndexAny(rest, "/?#")
-	if authorityEnd >= 0 && strings.LastIndexByte(rest, '@') > authorityEnd {
+	if end := userInfoEnd(rest); end >= 0 && strings.ContainsAny(rest[:end], "/?#") {
 		return errors.New("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
 	}
 	return nil

@@ -87,11 +87,15 @@ class RedisClusterServers:
     folders: list[Path]
     node_ids: dict[int, str] = field(default_factory=dict)  # port -> node id
 
-    def url(self, seed: int = 0) -> str:
-        """Return a redis+cluster URL that lists every node, starting with node ``seed``."""
+    def url(self, seed: int = 0, user_info: str = "") -> str:
+        """Return a redis+cluster URL that lists every node, starting with node ``seed``.
+
+        ``user_info`` is "user:password" for an ACL user, or empty for the default user.
+        """
         ordered = self.ports[seed:] + self.ports[:seed]
         extra = "&".join(f"addr={HOST}:{port}" for port in ordered[1:])
-        return f"redis+cluster://{HOST}:{ordered[0]}?{extra}"
+        at = f"{user_info}@" if user_info else ""
+        return f"redis+cluster://{at}{HOST}:{ordered[0]}?{extra}"
 
     def client(self) -> RedisCluster:
         """Return a new redis-py Cluster client with decoded replies; the caller closes it."""

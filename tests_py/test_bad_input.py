@@ -181,6 +181,12 @@ def test_tiny_max_sleep_token_bucket(name: str, redis_url: str) -> None:
         ("redis://user:hunter2secret@127.0.0.1:6379/0?dial_timeout=abc", "dial_timeout"),
         ("redis://user:hunter2secret%zz@127.0.0.1:6379/0", "'%'"),
         ("redis://user:hunter2secret@127.0.0.1:6379/0?pool_size=3", "connection_pool_size"),
+        ("redis://user:hunter2secret@127.0.0.1:0", "port"),
+        ("redis://user:hunter2secret@[::1:6379", "brackets"),
+        ("redis+cluster://user:hunter2secret@127.0.0.1:7000?addr=127.0.0.1:70000", "addr"),
+        ("redis+cluster://user:hunter2secret@127.0.0.1:7000?addr=127.0.0.1:0", "addr"),
+        ("redis+cluster://user:hunter2secret@127.0.0.1:7000?addr=u2:hunter2secret@127.0.0.1:7001", "addr"),
+        ("redis+cluster://127.0.0.1:7000?addr=u2:hunter2secret@127.0.0.1:7001", "addr"),
     ],
 )
 def test_bad_url_names_part(url: str, part: str) -> None:
@@ -189,6 +195,17 @@ def test_bad_url_names_part(url: str, part: str) -> None:
     message = str(caught.value)
     assert part in message, f"expected the message to name the {part}, got {message!r}"
     assert "hunter2secret" not in message, f"expected the password masked, got {message!r}"
+
+
+def test_bad_addr_message_shows_seed_node() -> None:
+    """Hiding the password in an addr= option leaves the first seed node and the query readable."""
+    url = "redis+cluster://user:hunter2secret@127.0.0.1:7000?addr=u2:hunter2secret@127.0.0.1:7001"
+    with pytest.raises(RedisError) as caught:
+        Semaphore("bad-url", 1, redis_url=url)
+    message = str(caught.value)
+    assert "redis+cluster://user:xxxxx@127.0.0.1:7000?addr=u2:xxxxx@127.0.0.1:7001" in message, (
+        f"expected the URL with both passwords masked and its nodes intact, got {message!r}"
+    )
 
 
 def test_url_options_accepted(name: str, redis_url: str) -> None:

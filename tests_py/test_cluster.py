@@ -346,7 +346,7 @@ def fill_slot(redis_cluster: RedisClusterServers, slot: int, count: int) -> None
             node.mset({f"{{{tag}}}:{index}": "x" * 100 for index in range(start, min(start + 500, count))})
 
 
-def migrate_busy_semaphore(redis_cluster: RedisClusterServers, name: str, other_keys: int) -> MigrationRun:
+def migrate_busy_semaphore(redis_cluster: RedisClusterServers, name: str, other_keys: int, user_info: str = "") -> MigrationRun:
     """Move the slot of semaphore ``name`` to another master while 12 workers enter and leave it.
 
     Capacity is 3 and the workers use three participants, one per seed node. A child process
@@ -364,7 +364,7 @@ def migrate_busy_semaphore(redis_cluster: RedisClusterServers, name: str, other_
         fill_slot(redis_cluster, slot, other_keys)
 
     async def scenario() -> None:
-        semaphores = [Semaphore(name, capacity, redis_url=redis_cluster.url(seed)) for seed in range(3)]
+        semaphores = [Semaphore(name, capacity, redis_url=redis_cluster.url(seed, user_info)) for seed in range(3)]
         inside = entries = 0
         stop = False
 
@@ -406,7 +406,7 @@ def migrate_busy_semaphore(redis_cluster: RedisClusterServers, name: str, other_
                 task.cancel()
             await observer.aclose()
 
-        outcome.entered_at_once, outcome.timed_out_at_once = await entries_at_once(name, capacity, redis_cluster.url(2), 5)
+        outcome.entered_at_once, outcome.timed_out_at_once = await entries_at_once(name, capacity, redis_cluster.url(2, user_info), 5)
 
     mover = redis_cluster.start_slot_mover(slot, outcome.target)
     try:
@@ -523,10 +523,15 @@ def test_release_in_migrating_slot(redis_cluster: RedisClusterServers, name: str
 
 
 
+# The least-privilege user of the README on a Cluster: CLUSTER SLOTS reads the slot map, and ASKING
+# precedes a command that follows an ASK redirection while a slot moves.
+CLUSTER_LIMITER_COMMANDS = (*LIMITER_COMMANDS, "cluster|slots", "asking")
+
+
 def create_acl_user(redis_cluster: RedisClusterServers, commands: tuple[str, ...]) -> tuple[str, str]:
     """Create the same ACL user on every master, with ``commands`` on the limiters' keys only.
 
-    Returns the user name and a redis+cluster URL with its password.
+    Returns the user name and the user info "user:password" for RedisClusterServers.url.
     """
     user, password = f"limiter-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     for port in redis_cluster.ports:
@@ -535,7 +540,7 @@ def create_acl_user(redis_cluster: RedisClusterServers, commands: tuple[str, ...
                 "ACL", "SETUSER", user, "on", f">{password}", "resetkeys", LIMITER_KEYS, "resetchannels", "-@all",
                 *(f"+{command}" for command in commands),
             )
-    return user, redis_cluster.url(0).replace("://", f"://{user}:{password}@", 1)
+    return user, f"{user}:{password}"
 
 
 def acl_denials(redis_cluster: RedisClusterServers, user: str) -> list[str]:
@@ -556,12 +561,13 @@ def delete_acl_user(redis_cluster: RedisClusterServers, user: str) -> None:
 
 
 def test_acl_user_on_cluster(redis_cluster: RedisClusterServers, name: str) -> None:
-    """The least-privilege user of the README, plus CLUSTER SLOTS, runs both limiters on Cluster.
+    """The least-privilege user of the README, with the Cluster commands, runs both limiters.
 
     go-redis reads the slot map with CLUSTER SLOTS. Redis must deny the user nothing: no refused
     COMMAND either, which go-redis would send before every call to look up routing policies.
     """
-    user, url = create_acl_user(redis_cluster, (*LIMITER_COMMANDS, "cluster|slots"))
+    user, user_info = create_acl_user(redis_cluster, CLUSTER_LIMITER_COMMANDS)
+    url = redis_cluster.url(0, user_info)
 
     async def scenario() -> float:
         holder = Semaphore(name, 1, expiry=30, redis_url=url)
@@ -590,7 +596,8 @@ def test_acl_user_on_cluster(redis_cluster: RedisClusterServers, name: str) -> N
 
 
 def test_acl_user_without_cluster_slots(redis_cluster: RedisClusterServers, name: str) -> None:
-    user, url = create_acl_user(redis_cluster, LIMITER_COMMANDS)
+    user, user_info = create_acl_user(redis_cluster, LIMITER_COMMANDS)
+    url = redis_cluster.url(0, user_info)
 
     async def enter() -> None:
         async with Semaphore(name, 1, redis_url=url):
@@ -606,3 +613,19 @@ def test_acl_user_without_cluster_slots(redis_cluster: RedisClusterServers, name
     assert "NOPERM" in message and "cluster|slots" in message, (
         f"expected a RedisError naming the refused command cluster|slots, got {message!r}"
     )
+
+
+def test_acl_user_during_migration(redis_cluster: RedisClusterServers, name: str) -> None:
+    """The least-privilege user keeps working while the slot of its busy semaphore moves.
+
+    go-redis follows an ASK redirection with ASKING, which the user must be allowed to run.
+    """
+    user, user_info = create_acl_user(redis_cluster, CLUSTER_LIMITER_COMMANDS)
+    try:
+        outcome = migrate_busy_semaphore(redis_cluster, name, other_keys=10_000, user_info=user_info)
+        denied = acl_denials(redis_cluster, user)
+    finally:
+        delete_acl_user(redis_cluster, user)
+
+    check_migration(outcome, redis_cluster, name)
+    assert denied == [], f"expected nothing denied to the limiter user during the migration, ACL LOG has {denied}"

@@ -70,6 +70,8 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]+):\d{1,5}")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|pwd|sentinel_password)=)[^&#]*", re.IGNORECASE)
+# A query value with user info of its own, such as addr=user:password@host:port.
+_QUERY_USERINFO = re.compile(r"([?&][^=&#]*=[^:&#@]*):[^&#]*@")
 
 
 def check_redis_url(value: object) -> str:
@@ -89,7 +91,8 @@ def check_redis_url(value: object) -> str:
     if "\0" in value:
         raise invalid("it contains a NUL character")
     _, _, rest = value.partition("://")
-    if "@" in rest and "@" not in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+    userinfo_end = _userinfo_end(rest)
+    if userinfo_end >= 0 and re.search(r"[/?#]", rest[:userinfo_end]):
         # An unescaped '/', '?' or '#' in the user info ends the host part early, so a parser
         # would read part of the password as the port or the path.
         raise invalid("the user name or password contains '/', '?' or '#'; percent-encode them (%2F, %3F, %23)")
@@ -98,10 +101,14 @@ def check_redis_url(value: object) -> str:
 
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError for a port that is not a number from 0 to 65535
-    except ValueError:
+        port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
         # ValueError's text may repeat parts of the URL, so it is not shown.
-        raise invalid("the port must be a number from 0 to 65535") from None
+        if "IPv6" in str(exc):
+            raise invalid("an IPv6 host needs both brackets, as in redis://[::1]:6379") from None
+        raise invalid("the port must be a number from 1 to 65535") from None
+    if port == 0:
+        raise invalid("the port must be a number from 1 to 65535")
 
     deployment = _SCHEMES.get(parts.scheme)
     if deployment is None:
@@ -149,28 +156,50 @@ def _check_options(options: list[tuple[str, str]], deployment: str, tls: bool, i
         elif name in kinds["bool"] or name in _TLS_BOOL:
             valid = option_value in ("true", "false", "1", "0", "")
         elif name in kinds.get("address", ()):
-            valid = bool(_ADDRESS.fullmatch(option_value))
+            valid = bool(_ADDRESS.fullmatch(option_value)) and 1 <= int(option_value.rpartition(":")[2]) <= 65535
         elif name in kinds["string"] or name in _TLS_FILES:
             valid = True
         else:
             raise invalid(f"unknown option {name!r} for a {deployment} URL")
         if not valid:
-            shown = "xxxxx" if name == "password" else repr(option_value)
-            raise invalid(f"the option {name} has an invalid value {shown}")
+            shown = "xxxxx" if name == "password" else repr(_redact_userinfo(option_value))
+            hint = "; use host:port with a port from 1 to 65535" if name in kinds.get("address", ()) else ""
+            raise invalid(f"the option {name} has an invalid value {shown}{hint}")
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password, if any, replaced by ``xxxxx``.
-
-    The password in the user info is taken to run from the first ':' after the scheme to the last
-    '@', which also hides a password with an unescaped '/', '?', '#' or '@' that URL parsers would
-    split elsewhere. A password given as a query option is hidden too.
-    """
+    """Return ``url`` with its passwords, if any, replaced by ``xxxxx``: the password of the user
+    info (see _userinfo_end), passwords given as query options, and those in the user info of an
+    option such as addr=."""
     scheme, separator, rest = url.partition("://")
     if not separator:
         return "(not a URL)"
-    userinfo, at, after = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if at and colon:
-        url = f"{scheme}://{user}:xxxxx@{after}"
-    return _QUERY_PASSWORD.sub(r"\1xxxxx", url)
+    url = f"{scheme}://{_redact_userinfo(rest)}"
+    url = _QUERY_PASSWORD.sub(r"\1xxxxx", url)
+    return _QUERY_USERINFO.sub(r"\1:xxxxx@", url)
+
+
+def _userinfo_end(rest: str) -> int:
+    """Return the index of the '@' that ends the user info of ``rest``, a URL without its scheme,
+    or -1 when it has none.
+
+    That '@' is the last one before the query. When no '@' comes before the first '?' or '#', an
+    unescaped '?' or '#' in the password cut it short, and the first '@' after it ends the user
+    info, unless an '=' shows that the '@' belongs to a query option such as addr=.
+    """
+    cut = len(re.split(r"[?#]", rest, maxsplit=1)[0])
+    at = rest.rfind("@", 0, cut)
+    if at < 0:
+        at = rest.find("@", cut)
+        if "=" in rest[cut:max(at, cut)]:
+            return -1
+    return at
+
+
+def _redact_userinfo(text: str) -> str:
+    """Return ``text``, a URL without its scheme or an address, with the password of its user info hidden."""
+    end = _userinfo_end(text)
+    user, colon, _ = text[:max(end, 0)].partition(":")
+    if end < 0 or not colon:
+        return text
+    return f"{user}:xxxxx{text[end:]}"
