@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ import redis
 from fault_support import start_holder_child
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
 from sentinel_support import DOWN_AFTER, FAILOVER_TIMEOUT, MASTER_NAME, SentinelDeployment
-from support import closed_port, entries_at_once, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
+from support import LIMITER_COMMANDS, LIMITER_KEYS, closed_port, entries_at_once, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
 
 # Client timeouts of pybridge/limiters.go. A call to a closed port fails after go-redis's retries,
 # which the README measured at 1.7 s on Redis 7.0. The dial timeout bounds it, with room for load.
@@ -590,3 +591,42 @@ def _report_failover(
     print(f"  lease-lost warnings: {len(lease_lost)}")
     for message in sorted({r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING}):
         print(f"  warning: {message}")
+
+
+def test_acl_user_on_master(deployment: SentinelDeployment, master: redis.Redis, name: str) -> None:
+    """The least-privilege user of the README, given as username= and password= for the master,
+    runs both limiters behind Sentinel, and the master denies it nothing.
+
+    ACL users are not replicated, so the user is created on the replica too, as an operator would.
+    """
+    user, password = f"limiter-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    nodes = [deployment.data_client(port) for port in (deployment.master_port, deployment.replica_port)]
+    for node in nodes:
+        node.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", "resetkeys", LIMITER_KEYS, "resetchannels", "-@all",
+            *(f"+{command}" for command in LIMITER_COMMANDS),
+        )
+    url = deployment.url(username=user, password=password)
+
+    async def scenario() -> int:
+        holder = Semaphore(name, 1, expiry=30, redis_url=url)
+        other_owner = Semaphore(name, 1, expiry=29, redis_url=url)  # another owner id, woken through BLPOP
+        async with holder:
+            waiter = asyncio.create_task(_enter(other_owner))
+            queued = await asyncio.to_thread(wait_until, lambda: master.zcard(semaphore_key(name, "waiters")) == 1, 10)
+            assert queued, "expected the second owner in the Redis queue"
+            connections = sum(client["user"] == user for client in master.client_list())
+        await asyncio.wait_for(waiter, 10)
+        await _enter(TokenBucket(name, 1, 1, 1, redis_url=url))
+        return connections
+
+    try:
+        connections = run(scenario())
+        denied = [f"{entry['reason']} {entry['object']}" for entry in master.execute_command("ACL", "LOG", "128") if entry["username"] == user]
+    finally:
+        for node in nodes:
+            node.execute_command("ACL", "DELUSER", user)
+            node.close()
+
+    assert connections > 0, f"expected the limiters connected to the master as {user}, CLIENT LIST shows none"
+    assert denied == [], f"expected nothing denied to the limiter user on the master, ACL LOG has {denied}"
