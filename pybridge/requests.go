@@ -252,8 +252,9 @@ func SemaphoreRelease(id, queueID int64) int64 {
 
 // TokenBucketAcquire takes a token of bucket handle bucket and returns the request id. The
 // outcome record has the moment at which the token exists, in µs of CLOCK_MONOTONIC (Python's
-// time.monotonic), or 0 when it exists already; or an error: MaxSleepExceededError when the wait
-// would exceed maxSleepSeconds (0 for no limit; nothing is taken then), RedisError.
+// time.monotonic), or 0 when it exists already. It has an error instead when the request fails:
+// MaxSleepExceededError when the wait would exceed maxSleepSeconds (0 for no limit), in which case
+// nothing is taken, or RedisError.
 //
 // The moment is the reply's arrival plus the wait that the script computed, so the time that the
 // record and the task that awaits it spend queued on a busy event loop is not added to the wait.

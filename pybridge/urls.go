@@ -76,10 +76,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+		if err := tlsOptions.finish(opts.TLSConfig, &opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout); err != nil {
 			return nil, err
 		}
-		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
 		opts.DisableIdentity = true
 		opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
@@ -96,10 +95,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		if err := checkAddresses(opts.Addrs); err != nil {
 			return nil, err
 		}
-		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+		if err := tlsOptions.finish(opts.TLSConfig, &opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout); err != nil {
 			return nil, err
 		}
-		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
 		opts.DisableIdentity = true
 		opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
 		// Every command of the limiters goes to the node of its keys' slot, so the routing
@@ -123,10 +121,9 @@ func parseDeployment(raw string) (*deployment, error) {
 		if opts.MasterName == "" {
 			return nil, errors.New("a redis+sentinel:// URL needs master_name=, the name of the master set")
 		}
-		if err := tlsOptions.apply(opts.TLSConfig); err != nil {
+		if err := tlsOptions.finish(opts.TLSConfig, &opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout); err != nil {
 			return nil, err
 		}
-		setDefaults(&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout)
 		opts.DisableIdentity = true
 		return &deployment{newClient: func(poolSize int) redis.UniversalClient {
 			copied := *opts
@@ -153,6 +150,16 @@ func checkAddresses(addrs []string) error {
 			return fmt.Errorf("the node address %q needs a port from 1 to 65535", addr)
 		}
 	}
+	return nil
+}
+
+// finish completes the options that go-redis parsed from a URL: it loads the TLS files into
+// config and sets the timeouts that the URL left unset to this package's defaults.
+func (f tlsFiles) finish(config *tls.Config, dial, read, write *time.Duration) error {
+	if err := f.apply(config); err != nil {
+		return err
+	}
+	setDefaults(dial, read, write)
 	return nil
 }
 

@@ -16,10 +16,10 @@ window [t, t + T), the grants must not exceed capacity + refill_amount * ceil(T 
 refill_frequency). Entry times alone can break that bound while the bucket keeps it. A task
 enters after its asyncio.sleep, so late and never early, and a late entry followed by a punctual
 one is closer to it than their tokens were. So each task also records the interval in which its
-token became usable. The library's debug log record of the reply reports the wait left from
-that record to the token, which it dates from the reply's arrival, so the record's time plus
-the wait is at or after the token; the request's time plus the same wait is at or before it,
-because the Redis script ran after the request. The bound is checked on those intervals, and a
+token became usable. The library's debug log record of the reply reports the wait from that
+record to the token, counted from the reply's arrival. So the record's time plus the wait is at
+or after the token. The request's time plus the same wait is at or before it, because the Redis
+script ran after the request. The bound is checked on those intervals, and a
 second check requires every entry to come no earlier than its token (see tightest_window).
 
 NOTE: the intervals compare the clock of the Redis server (TIME, in the scripts) with time.time()

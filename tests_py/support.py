@@ -193,3 +193,56 @@ async def entries_at_once(
     unexpected = [outcome for outcome in outcomes if outcome is not None and not isinstance(outcome, MaxSleepExceededError)]
     assert not unexpected, f"expected only entries or MaxSleepExceededError, got {unexpected}"
     return entered, sum(isinstance(outcome, MaxSleepExceededError) for outcome in outcomes)
+
+
+async def entry_offsets(bucket: Any, entries: int) -> list[float]:
+    """Enter token bucket ``bucket`` from ``entries`` tasks at once and return the entry times, in
+    seconds after the start, sorted."""
+    started = time.monotonic()
+    offsets: list[float] = []
+
+    async def enter() -> None:
+        async with bucket:
+            offsets.append(time.monotonic() - started)
+
+    await asyncio.gather(*(enter() for _ in range(entries)))
+    return sorted(offsets)
+
+
+async def admission_order(
+    semaphores: list[Any], waiters: int, queue_length: Callable[[], Awaitable[int]], label: str = ""
+) -> list[int]:
+    """Queue ``waiters`` tasks one after the other behind a holder, and return the order of their entries.
+
+    All ``semaphores`` share one name and capacity 1. The first one holds the slot, and waiter k
+    enters through semaphores[k % len(semaphores)] once ``queue_length`` (the size of the Redis
+    queue) shows the waiter before it queued. ``label`` starts the failure messages.
+    """
+    order: list[int] = []
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with semaphores[0]:
+            entered.set()
+            await release.wait()
+
+    async def wait_in_line(position: int) -> None:
+        async with semaphores[position % len(semaphores)]:
+            order.append(position)
+            await asyncio.sleep(0.002)
+
+    holder = asyncio.create_task(hold())
+    await wait_for_event(entered, holder)
+    tasks = []
+    for position in range(waiters):
+        tasks.append(asyncio.create_task(wait_in_line(position)))
+
+        async def queued(expected: int = position + 1) -> bool:
+            return await queue_length() == expected
+
+        assert await wait_until_async(queued, 10), f"{label}expected waiter {position} in the Redis queue"
+        await asyncio.sleep(0.003)
+    release.set()
+    await asyncio.gather(holder, *tasks)
+    return order

@@ -26,6 +26,7 @@ from cluster_support import (  # noqa: F401 (redis_cluster is a fixture)
 )
 from self_limiters import RedisError, Semaphore, TokenBucket
 from support import (
+    admission_order,
     KEY_PREFIX,
     LIMITER_COMMANDS,
     LIMITER_KEYS,
@@ -136,42 +137,16 @@ def test_semaphore_capacity_every_slot(redis_cluster: RedisClusterServers, names
 def test_semaphore_fifo_every_slot(redis_cluster: RedisClusterServers, names: list[str]) -> None:
     waiter_count = 5
 
-    async def admission_order(name: str, observer) -> list[int]:
+    async def name_order(name: str, observer) -> list[int]:
+        # Two participants, so that admissions also go through the other one's wake-up list.
         semaphores = [Semaphore(name, 1, redis_url=redis_cluster.url(seed)) for seed in (0, 1)]
-        waiters_key = semaphore_key(name, "") + "waiters"
-        order: list[int] = []
-        release = asyncio.Event()
-        entered = asyncio.Event()
-
-        async def hold() -> None:
-            async with semaphores[0]:
-                entered.set()
-                await release.wait()
-
-        async def wait_in_line(position: int) -> None:
-            async with semaphores[position % 2]:
-                order.append(position)
-                await asyncio.sleep(0.002)
-
-        holder = asyncio.create_task(hold())
-        await wait_for_event(entered, holder)
-        waiters = []
-        for position in range(waiter_count):
-            waiters.append(asyncio.create_task(wait_in_line(position)))
-
-            async def queued(expected: int = position + 1) -> bool:
-                return await observer.zcard(waiters_key) == expected
-
-            assert await wait_until_async(queued, 10), f"name {name!r}: expected waiter {position} in the Redis queue"
-            await asyncio.sleep(0.003)
-        release.set()
-        await asyncio.gather(holder, *waiters)
-        return order
+        waiters_key = semaphore_key(name, "waiters")
+        return await admission_order(semaphores, waiter_count, lambda: observer.zcard(waiters_key), f"name {name!r}: ")
 
     async def scenario() -> list[list[int]]:
         observer = redis_cluster.async_client()
         try:
-            return await asyncio.gather(*(admission_order(name, observer) for name in names))
+            return await asyncio.gather(*(name_order(name, observer) for name in names))
         finally:
             await observer.aclose()
 
@@ -219,9 +194,9 @@ def test_limiter_keys_one_slot(redis_cluster: RedisClusterServers, names: list[s
     """All keys of each limiter, the per-owner ones included, live in the slot of its hash tag."""
 
     async def build_state(name: str, observer, ready: asyncio.Event, snapshot_taken: asyncio.Event) -> None:
-        # Three participants: the first one holds the slot and the second one waits. Then the first lease is made
-        # to look expired, and the third enters: its acquire script moves that lease to the lost
-        # set, admits the second through its wake-up list and queues the third.
+        # Three participants: the first one enters and the second one waits. Then the first lease
+        # is made to look expired, and the third enters. Its acquire script moves that lease to the
+        # lost set, admits the second through its wake-up list and queues the third.
         first, second, third = (Semaphore(name, 1, redis_url=redis_cluster.url(seed)) for seed in (0, 1, 2))
         base = semaphore_key(name, "")
         first_entered = asyncio.Event()
@@ -471,12 +446,12 @@ def test_release_in_migrating_slot(redis_cluster: RedisClusterServers, name: str
     async def scenario() -> float | None:
         holding, waiting = (Semaphore(name, 1, redis_url=redis_cluster.url(seed)) for seed in (0, 1))
         release = asyncio.Event()
-        held = asyncio.Event()
+        holding_started = asyncio.Event()
         entered = asyncio.Event()
 
         async def hold() -> None:
             async with holding:
-                held.set()
+                holding_started.set()
                 await release.wait()
 
         async def wait_in_line() -> None:
@@ -487,7 +462,7 @@ def test_release_in_migrating_slot(redis_cluster: RedisClusterServers, name: str
         holder = asyncio.create_task(hold())
         waiter = None
         try:
-            await wait_for_event(held, holder)
+            await wait_for_event(holding_started, holder)
             waiter = asyncio.create_task(wait_in_line())
 
             async def queued() -> bool:
@@ -610,9 +585,8 @@ def test_acl_user_without_cluster_slots(redis_cluster: RedisClusterServers, name
         delete_acl_user(redis_cluster, user)
 
     message = str(raised.value)
-    assert "NOPERM" in message and "cluster|slots" in message, (
-        f"expected a RedisError naming the refused command cluster|slots, got {message!r}"
-    )
+    assert "NOPERM" in message, f"expected Redis's NOPERM reply in the RedisError, got {message!r}"
+    assert "cluster|slots" in message, f"expected the RedisError to name the denied command cluster|slots, got {message!r}"
 
 
 def test_acl_user_during_migration(redis_cluster: RedisClusterServers, name: str) -> None:

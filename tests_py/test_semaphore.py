@@ -21,6 +21,7 @@ import redis.asyncio
 
 from self_limiters import MaxSleepExceededError, Semaphore, TokenBucket
 from support import (
+    admission_order,
     entries_at_once,
     read_first_line,
     run,
@@ -65,36 +66,8 @@ def test_semaphore_fifo_order(name: str, redis_url: str) -> None:
     waiters_key = semaphore_key(name, "waiters")
 
     async def scenario() -> list[int]:
-        semaphore = Semaphore(name, 1, redis_url=redis_url)
-        order: list[int] = []
-        release = asyncio.Event()
-        entered = asyncio.Event()
-
-        async def hold() -> None:
-            async with semaphore:
-                entered.set()
-                await release.wait()
-
-        async def wait_in_line(position: int) -> None:
-            async with semaphore:
-                order.append(position)
-                await asyncio.sleep(0.002)
-
-        holder = asyncio.create_task(hold())
-        await wait_for_event(entered, holder)
-        waiters = []
         async with redis.asyncio.from_url(redis_url) as client:
-            for position in range(8):
-                waiters.append(asyncio.create_task(wait_in_line(position)))
-
-                async def queued(expected: int = position + 1) -> bool:
-                    return await client.zcard(waiters_key) == expected
-
-                assert await wait_until_async(queued, 5), f"expected waiter {position} in the Redis queue"
-                await asyncio.sleep(0.003)
-        release.set()
-        await asyncio.gather(holder, *waiters)
-        return order
+            return await admission_order([Semaphore(name, 1, redis_url=redis_url)], 8, lambda: client.zcard(waiters_key))
 
     order = run(scenario())
     assert order == list(range(8)), f"expected admission in arrival order {list(range(8))}, got {order}"

@@ -22,7 +22,7 @@ import redis
 from fault_support import start_holder_child
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
 from sentinel_support import DOWN_AFTER, FAILOVER_TIMEOUT, MASTER_NAME, SentinelDeployment
-from support import LIMITER_COMMANDS, LIMITER_KEYS, closed_port, entries_at_once, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
+from support import LIMITER_COMMANDS, LIMITER_KEYS, admission_order, closed_port, entries_at_once, entry_offsets, read_first_line, run, semaphore_key, stop_child, wait_for_event, wait_until, wait_until_async
 
 # Client timeouts of pybridge/limiters.go. A call to a closed port fails after go-redis's retries,
 # which the README measured at 1.7 s on Redis 7.0. The dial timeout bounds it, with room for load.
@@ -88,36 +88,10 @@ def test_semaphore_fifo(deployment: SentinelDeployment, master: redis.Redis, nam
     url = deployment.url()
     waiters_key = semaphore_key(name, "waiters")
 
-    async def scenario() -> list[int]:
-        semaphore = Semaphore(name, 1, redis_url=url)
-        order: list[int] = []
-        release = asyncio.Event()
-        entered = asyncio.Event()
+    async def queue_length() -> int:
+        return await asyncio.to_thread(master.zcard, waiters_key)
 
-        async def hold() -> None:
-            async with semaphore:
-                entered.set()
-                await release.wait()
-
-        async def wait_in_line(position: int) -> None:
-            async with semaphore:
-                order.append(position)
-
-        holder = asyncio.create_task(hold())
-        await wait_for_event(entered, holder)
-        waiters = []
-        for position in range(6):
-            waiters.append(asyncio.create_task(wait_in_line(position)))
-
-            async def queued(expected: int = position + 1) -> bool:
-                return await asyncio.to_thread(master.zcard, waiters_key) == expected
-
-            assert await wait_until_async(queued, 5, 0.01), f"expected waiter {position} in the queue on the master"
-        release.set()
-        await asyncio.gather(holder, *waiters)
-        return order
-
-    order = run(scenario())
+    order = run(admission_order([Semaphore(name, 1, redis_url=url)], 6, queue_length, "on the master: "))
     assert order == list(range(6)), f"expected admission in arrival order {list(range(6))}, got {order}"
 
 
@@ -197,18 +171,7 @@ def test_token_bucket_schedule(deployment: SentinelDeployment, name: str) -> Non
     capacity, period, entries = 2, 0.1, 7
     bucket = TokenBucket(name, capacity, period, 1, redis_url=deployment.url())
 
-    async def scenario() -> list[float]:
-        started = time.monotonic()
-        offsets: list[float] = []
-
-        async def enter() -> None:
-            async with bucket:
-                offsets.append(time.monotonic() - started)
-
-        await asyncio.gather(*(enter() for _ in range(entries)))
-        return sorted(offsets)
-
-    offsets = run(scenario())
+    offsets = run(entry_offsets(bucket, entries))
     rounded = [round(offset, 3) for offset in offsets]
     assert offsets[capacity - 1] < 0.08, f"expected the {capacity} tokens of the full bucket at once, offsets {rounded}"
     # The k-th entry (from 0) waits for k + 1 - capacity refills; 20 ms covers rounding and clocks.

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from self_limiters import MaxSleepExceededError, RedisError, Semaphore, TokenBucket
-from support import LIMITER_COMMANDS, LIMITER_KEYS, bucket_key, read_first_line, run, semaphore_key, stop_child, wait_for_warning
+from support import LIMITER_COMMANDS, LIMITER_KEYS, bucket_key, entry_offsets, read_first_line, run, semaphore_key, stop_child, wait_for_warning
 from tls_support import (  # noqa: F401  (fixtures are found by their names in this module)
     Certificates,
     PrivateServer,
@@ -83,19 +83,6 @@ async def _enter_and_observe(kind: str, name: str, url: str, admin: redis.Redis)
         holders = admin.zcard(semaphore_key(name, "holders"))
     await _wait_released(admin, name)
     return str(holders)
-
-
-async def _bucket_offsets(bucket: TokenBucket, entries: int) -> list[float]:
-    """Enter ``bucket`` from ``entries`` tasks at once and return the entry times in seconds after the start, sorted."""
-    started = time.monotonic()
-    offsets: list[float] = []
-
-    async def enter() -> None:
-        async with bucket:
-            offsets.append(time.monotonic() - started)
-
-    await asyncio.gather(*(enter() for _ in range(entries)))
-    return sorted(offsets)
 
 
 def _check_bucket_schedule(offsets: list[float]) -> None:
@@ -196,7 +183,7 @@ def test_tls_semaphore_capacity_and_wake(
 
 
 def test_tls_token_bucket_schedule(tls_url: str, name: str) -> None:
-    offsets = run(_bucket_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=tls_url), 4))
+    offsets = run(entry_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=tls_url), 4))
 
     _check_bucket_schedule(offsets)
 
@@ -308,7 +295,7 @@ def test_unix_token_bucket_in_db(unix_server: tuple[PrivateServer, Path], name: 
     url = f"unix://{socket_path}?db=3"
     admin = server.admin(db=3)
     try:
-        offsets = run(_bucket_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=url), 4))
+        offsets = run(entry_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=url), 4))
         state_exists = admin.exists(bucket_key(name))
     finally:
         admin.close()
@@ -502,7 +489,7 @@ def test_acl_lost_lease_warns(acl_users: AclUsers, name: str, caplog: pytest.Log
 def test_acl_token_bucket_schedule(acl_users: AclUsers, name: str) -> None:
     user, url = acl_users.create()
 
-    offsets = run(_bucket_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=url), 4))
+    offsets = run(entry_offsets(TokenBucket(name, 2, 0.5, 1, redis_url=url), 4))
 
     _check_bucket_schedule(offsets)
     denied = acl_users.denied(user)

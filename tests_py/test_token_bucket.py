@@ -10,20 +10,7 @@ import redis.asyncio
 import pytest
 
 from self_limiters import MaxSleepExceededError, TokenBucket
-from support import bucket_key, run, wait_until
-
-
-async def _entry_offsets(bucket: TokenBucket, entries: int) -> list[float]:
-    """Enter ``bucket`` from ``entries`` tasks at once and return the entry times in seconds after the start, sorted."""
-    started = time.monotonic()
-    offsets: list[float] = []
-
-    async def enter() -> None:
-        async with bucket:
-            offsets.append(time.monotonic() - started)
-
-    await asyncio.gather(*(enter() for _ in range(entries)))
-    return sorted(offsets)
+from support import bucket_key, entry_offsets, run, wait_until
 
 
 def test_token_bucket_max_sleep_raises_at_once(name: str, redis_url: str) -> None:
@@ -71,7 +58,7 @@ def test_token_bucket_fractional_max_sleep_admits(name: str, redis_url: str) -> 
 
 
 def test_token_bucket_limits_rate(name: str, redis_url: str) -> None:
-    offsets = run(_entry_offsets(TokenBucket(name, 2, 0.1, 1, redis_url=redis_url), 7))
+    offsets = run(entry_offsets(TokenBucket(name, 2, 0.1, 1, redis_url=redis_url), 7))
 
     assert offsets[1] < 0.08, f"expected the 2 tokens of the full bucket at once, offsets {offsets}"
     assert offsets[2] >= 0.07, f"expected the 3rd entry to wait for a refill of 0.1 s, offsets {offsets}"
@@ -80,7 +67,7 @@ def test_token_bucket_limits_rate(name: str, redis_url: str) -> None:
 
 
 def test_token_bucket_refill_amount(name: str, redis_url: str) -> None:
-    offsets = run(_entry_offsets(TokenBucket(name, 4, 0.3, 2, redis_url=redis_url), 8))
+    offsets = run(entry_offsets(TokenBucket(name, 4, 0.3, 2, redis_url=redis_url), 8))
 
     assert offsets[3] < 0.15, f"expected 4 entries at once from the full bucket, offsets {offsets}"
     assert offsets[4] >= 0.25, f"expected the 5th entry at the first refill (0.3 s), offsets {offsets}"

@@ -162,9 +162,9 @@ def _check_options(options: list[tuple[str, str]], deployment: str, tls: bool, i
         else:
             raise invalid(f"unknown option {name!r} for a {deployment} URL")
         if not valid:
-            shown = "xxxxx" if name == "password" else repr(_redact_userinfo(option_value))
+            redacted_value = "xxxxx" if name == "password" else repr(_redact_userinfo(option_value))
             hint = "; use host:port with a port from 1 to 65535" if name in kinds.get("address", ()) else ""
-            raise invalid(f"the option {name} has an invalid value {shown}{hint}")
+            raise invalid(f"the option {name} has an invalid value {redacted_value}{hint}")
 
 
 def redact_url(url: str) -> str:
